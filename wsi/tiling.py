@@ -36,7 +36,7 @@ class GridSettings(BaseModel):
     patch_size: int = Field(256, ge=16, description="patch width and height at target_mpp, px")
     overlap: int = Field(0, ge=0, description="overlap between neighbouring patches, px")
     min_tissue_fraction: float = Field(
-        0.25, ge=0, le=1, description="keep patches with at least this fraction of tissue")
+        0.1, ge=0, le=1, description="keep patches with at least this fraction of tissue")
     max_pen_fraction: float | None = Field(
         None, ge=0, le=1, description="drop patches with more marker ink than this (QC filter)")
 
@@ -123,21 +123,33 @@ def plan_grid(slide: Slide, settings: GridSettings) -> GridSpec:
 @dataclass
 class TileGrid:
     """Patches of one slide: level-0 top-left ``coords`` (N, 2) int64 as (x, y), row-major,
-    with their tissue and marker-ink fractions."""
+    with per-patch ``measurements`` (N,) such as ``tissue_fraction``, ``pen_fraction`` and,
+    after pixel QC, ``white_fraction`` and ``blur_score``."""
 
     coords: np.ndarray
-    tissue_fraction: np.ndarray
-    pen_fraction: np.ndarray
+    measurements: dict[str, np.ndarray]
     spec: GridSpec
     level0_size: tuple[int, int]
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
 
+    @property
+    def tissue_fraction(self) -> np.ndarray:
+        return self.measurements["tissue_fraction"]
+
     def select(self, keep: np.ndarray) -> TileGrid:
         """A grid with only the patches where ``keep`` is true (order preserved)."""
-        return TileGrid(self.coords[keep], self.tissue_fraction[keep], self.pen_fraction[keep],
+        return TileGrid(self.coords[keep], {k: v[keep] for k, v in self.measurements.items()},
                         self.spec, self.level0_size)
+
+    def with_measurements(self, extra: dict[str, np.ndarray]) -> TileGrid:
+        """A grid with ``extra`` per-patch measurements added."""
+        for name, values in extra.items():
+            if len(values) != len(self):
+                raise ValueError(f"measurement {name!r} has {len(values)} values for "
+                                 f"{len(self)} patches")
+        return TileGrid(self.coords, {**self.measurements, **extra}, self.spec, self.level0_size)
 
 
 def _box_fractions(mask: np.ndarray, downsample: tuple[float, float], xs: np.ndarray,
@@ -172,9 +184,10 @@ def build_grid(tissue: TissueMask, spec: GridSpec, settings: GridSettings) -> Ti
         keep &= pen_fraction <= settings.max_pen_fraction
     rows, cols = np.nonzero(keep)
     coords = np.column_stack([xs[cols], ys[rows]]).astype(np.int64)
-    grid = TileGrid(coords=coords.reshape(-1, 2), tissue_fraction=tissue_fraction[rows, cols],
-                    pen_fraction=pen_fraction[rows, cols], spec=spec,
-                    level0_size=tissue.level0_size)
+    grid = TileGrid(coords=coords.reshape(-1, 2),
+                    measurements={"tissue_fraction": tissue_fraction[rows, cols],
+                                  "pen_fraction": pen_fraction[rows, cols]},
+                    spec=spec, level0_size=tissue.level0_size)
     if len(grid) == 0:
         log.warning("no patch reaches a tissue fraction of %.2f", settings.min_tissue_fraction)
     return grid

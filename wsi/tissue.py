@@ -36,7 +36,7 @@ class TissueSettings(BaseModel):
         None, ge=0, le=1, description="fixed threshold instead of Otsu (0-1)")
     min_value: float = Field(
         0.08, ge=0, le=1, description="pixels darker than this (scanner borders) are not tissue")
-    median_size: int = Field(5, ge=1, description="median blur window, mask pixels (odd)")
+    median_size: int = Field(3, ge=1, description="median blur window, mask pixels (odd)")
     closing_um: float = Field(16.0, ge=0, description="morphological closing radius, µm")
     max_hole_area_mm2: float = Field(0.01, ge=0, description="holes up to this area are filled")
     min_area_mm2: float = Field(0.005, ge=0, description="smaller tissue pieces are dropped")

@@ -1,0 +1,1 @@
+"""Attention-MIL aggregators, training and clinical evaluation over bags of patch features."""

@@ -1,0 +1,201 @@
+"""The ``slidepipe`` command line: a thin layer over the same functions the library exposes.
+
+Exit codes: 0 all slides done, 2 finished but some slides failed, 1 fatal (bad config, no
+slides, unwritable output). Errors print as one line; tracebacks go to the run log.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+import wsi
+
+from . import __version__
+from .config import ConfigError, SlidepipeConfig, load_config
+from .discovery import ManifestError, discover_slides
+from .tile import TileResult, summary_rows, tile_slide
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="slidepipe: whole-slide images to tissue grids, features, grades and "
+                       "heatmaps.")
+console = Console(stderr=True)
+EXIT_OK, EXIT_FATAL, EXIT_SLIDES_FAILED = 0, 1, 2
+
+
+def _fatal(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(EXIT_FATAL)
+
+
+def _setup_run_log(out_dir: Path) -> Path:
+    """Log everything (with tracebacks) to OUT/slidepipe.log; the console stays one-line."""
+    log_path = out_dir / "slidepipe.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return log_path
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[now]}"),
+                    console=console, transient=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the slidepipe version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def info(
+    slides: Annotated[list[Path], typer.Argument(help="slide files or folders")],
+    backend: Annotated[str, typer.Option(help="auto, openslide or tiffslide")] = "auto",
+    show_phi: Annotated[bool, typer.Option(
+        "--show-phi", help="also show identifying fields and associated images")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Print slide metadata. Identifying fields (label/macro images, scanner user, file name,
+    dates) stay hidden unless --show-phi."""
+    try:
+        entries = discover_slides(slides)
+    except (ManifestError, OSError) as error:
+        raise _fatal(str(error)) from error
+    records, failed = [], 0
+    for entry in entries:
+        try:
+            with wsi.open_slide(entry.path, backend) as slide:
+                record = slide.summary() | {"slide_id": entry.slide_id,
+                                            "content_hash": slide.content_hash}
+                if show_phi:
+                    record["associated_images"] = list(slide.associated_names)
+                    record["properties"] = slide.properties(show_phi=True)
+        except wsi.SlideError as error:
+            failed += 1
+            record = {"slide_id": entry.slide_id, "path": str(entry.path), "error": error.message}
+        records.append(record)
+    if as_json:
+        typer.echo(json.dumps(records, indent=2, default=str))
+    else:
+        table = Table(title="slides")
+        for column in ("slide", "backend", "vendor", "size", "levels", "µm/px", "objective",
+                       "hash / error"):
+            table.add_column(column)
+        for r in records:
+            if "error" in r:
+                table.add_row(r["slide_id"], "", "", "", "", "", "", f"[red]{r['error']}")
+                continue
+            mpp = f"{r['mpp_x']:.4g}" if r["mpp_x"] else "[yellow]missing"
+            table.add_row(r["slide_id"], r["backend"], r["vendor"],
+                          f"{r['width']}x{r['height']}", str(r["levels"]), mpp,
+                          str(r["objective_power"] or ""), r["content_hash"])
+        Console().print(table)
+        if show_phi:
+            for r in records:
+                if "properties" in r:
+                    Console().print(f"[bold]{r['slide_id']}[/] associated images: "
+                                    f"{', '.join(r['associated_images']) or 'none'}")
+                    for key, value in r["properties"].items():
+                        Console().print(f"  {key} = {value}", markup=False)
+    raise typer.Exit(EXIT_SLIDES_FAILED if failed else EXIT_OK)
+
+
+def run_tiling(inputs: list[Path], out: Path, config: SlidepipeConfig) -> list[TileResult]:
+    """Tile every slide found in ``inputs`` into ``out`` with a progress bar; write
+    ``out/summary.csv``. Returns the per-slide results."""
+    try:
+        entries = discover_slides(inputs)
+    except (ManifestError, OSError) as error:
+        raise _fatal(str(error)) from error
+    if not entries:
+        raise _fatal("no slides found in " + ", ".join(map(str, inputs)))
+    overrides = (wsi.load_mpp_overrides(config.slides.mpp_overrides)
+                 if config.slides.mpp_overrides else None)
+    results: list[TileResult] = []
+    with _progress() as progress:
+        task = progress.add_task("tiling", total=len(entries), now="")
+        for entry in entries:
+            progress.update(task, now=entry.slide_id)
+            result = tile_slide(entry, config, out, overrides)
+            if result.status == "failed":
+                progress.console.print(f"[red]failed[/] {entry.slide_id}: {result.error}")
+            elif result.status == "no_tissue":
+                progress.console.print(f"[yellow]no tissue[/] {entry.slide_id}: {result.error}")
+            results.append(result)
+            progress.advance(task)
+        progress.update(task, now="")
+    rows = summary_rows(results)
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return results
+
+
+def _print_tiling_summary(results: list[TileResult], out: Path) -> int:
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "no_tissue", "failed")}
+    patches = sum(r.patches for r in results)
+    console.print(f"{len(results)} slides: {counts['ok']} tiled ({patches} patches), "
+                  f"{counts['no_tissue']} without tissue, {counts['failed']} failed; "
+                  f"summary: {out / 'summary.csv'}")
+    return EXIT_SLIDES_FAILED if counts["failed"] else EXIT_OK
+
+
+@app.command()
+def tile(
+    paths: Annotated[list[Path], typer.Argument(help="slides, folders (recursive), manifest CSVs")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config")] = None,
+    target_mpp: Annotated[float | None, typer.Option(help="patch µm/px (0.5 ≈ 20x)")] = None,
+    magnification: Annotated[float | None, typer.Option(help="alias: 20 → 0.5 µm/px")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="patch size in px")] = None,
+    overlap: Annotated[int | None, typer.Option(help="overlap in px")] = None,
+    min_tissue: Annotated[float | None, typer.Option(help="min tissue fraction per patch")] = None,
+    mpp: Annotated[float | None, typer.Option(help="µm/px for slides lacking it")] = None,
+    mpp_overrides: Annotated[Path | None, typer.Option(help="CSV slide,mpp")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto, openslide or tiffslide")] = None,
+    qc: Annotated[bool | None, typer.Option("--qc/--no-qc", help="pixel QC per patch")] = None,
+) -> None:
+    """Find tissue and lay a patch grid on every slide; write grids, masks, overviews and a
+    summary CSV. Exit code 2 when any slide failed."""
+    try:
+        config = load_config(config_file, {
+            "tiling": {"target_mpp": target_mpp, "magnification": magnification,
+                       "patch_size": patch_size, "overlap": overlap,
+                       "min_tissue_fraction": min_tissue},
+            "slides": {"mpp": mpp, "mpp_overrides": mpp_overrides, "backend": backend},
+            "qc": {"enabled": qc},
+        })
+        out.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, OSError) as error:
+        raise _fatal(str(error)) from error
+    log_path = _setup_run_log(out)
+    results = run_tiling(paths, out, config)
+    code = _print_tiling_summary(results, out)
+    if code:
+        console.print(f"details of the failures: {log_path}")
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,83 @@
+"""The slidepipe configuration: YAML files validated by typed models, overridden by CLI flags.
+
+Every output records the fully resolved configuration it was made with
+(:meth:`SlidepipeConfig.resolved`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wsi import GridSettings, PatchQCSettings, TissueSettings
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field."""
+
+
+class SlideOptions(BaseModel):
+    """How slides are opened (the ``slides:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    mpp: float | None = Field(None, gt=0, description="µm/px for every slide (overrides files)")
+    mpp_overrides: Path | None = Field(
+        None, description="CSV with columns slide,mpp for slides lacking resolution metadata")
+
+
+class SlidepipeConfig(BaseModel):
+    """The whole configuration; each section belongs to one stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: SlideOptions = SlideOptions()
+    tissue: TissueSettings = TissueSettings()
+    tiling: GridSettings = GridSettings()
+    qc: PatchQCSettings = PatchQCSettings()
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as plain JSON-able data, for provenance records."""
+        return self.model_dump(mode="json")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> SlidepipeConfig:
+    """Load ``path`` (or the packaged defaults) and apply ``overrides`` (nested dict, e.g.
+    ``{"tiling": {"target_mpp": 1.0}}``; ``None`` values are ignored)."""
+    data: dict[str, Any] = {}
+    source = Path(path) if path is not None else None
+    if source is not None:
+        try:
+            loaded = yaml.safe_load(source.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{source}: cannot read the config: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: a config must be a mapping of sections")
+        data = loaded
+    cleaned = {section: {k: v for k, v in values.items() if v is not None}
+               for section, values in (overrides or {}).items()}
+    data = _merge(data, {k: v for k, v in cleaned.items() if v})
+    try:
+        return SlidepipeConfig.model_validate(data)
+    except ValidationError as error:
+        where = str(source) if source else "config"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in error.errors())
+        raise ConfigError(f"{where}: {problems}") from error

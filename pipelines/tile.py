@@ -1,0 +1,130 @@
+"""The tiling stage for one slide: open → tissue → grid → (pixel QC) → outputs on disk.
+
+Outputs of a slide appear all at once (an atomic folder rename) under ``OUT/<slide_id>/``:
+``grid.zarr``, ``coords.h5``, ``provenance.json``, ``tissue.png``, ``tissue.geojson`` and
+``overview.png`` (the slide with the grid drawn). A slide without tissue still gets its outputs,
+with an empty grid and the status ``no_tissue``; a slide that fails gets none, and its error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+import wsi
+from wsi.atomic import atomic_directory
+from wsi.tiling import TileGrid
+from wsi.tissue import TissueMask
+
+from . import __version__
+from .config import SlidepipeConfig
+from .discovery import SlideEntry
+
+log = logging.getLogger(__name__)
+
+OVERVIEW_MAX_PX = 1600
+QC_BATCH = 64
+
+
+@dataclass
+class TileResult:
+    """One row of the tiling summary."""
+
+    slide_id: str
+    path: str
+    status: str  # "ok", "no_tissue" or "failed"
+    backend: str = ""
+    mpp: float | None = None
+    patches: int = 0
+    tissue_area_mm2: float = 0.0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _overview(slide: wsi.Slide, grid: TileGrid) -> Image.Image:
+    image = Image.fromarray(slide.thumbnail(size=(OVERVIEW_MAX_PX, OVERVIEW_MAX_PX)))
+    scale_x = image.width / slide.dimensions[0]
+    scale_y = image.height / slide.dimensions[1]
+    draw = ImageDraw.Draw(image)
+    size = grid.spec.patch_size_level0
+    for x, y in grid.coords:
+        draw.rectangle([x * scale_x, y * scale_y, (x + size) * scale_x - 1,
+                        (y + size) * scale_y - 1], outline=(0, 170, 0))
+    return image
+
+
+def _pixel_qc(slide: wsi.Slide, grid: TileGrid, config: SlidepipeConfig) -> TileGrid:
+    with wsi.PatchReader(slide, grid.spec) as reader:
+        parts = [wsi.measure_patches(batch) for batch in reader.iter_batches(grid.coords,
+                                                                             QC_BATCH)]
+    if not parts:
+        return grid
+    measured = grid.with_measurements(
+        {name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+    return measured.select(wsi.qc_keep(measured.measurements, config.qc))
+
+
+def _write_outputs(folder: Path, slide: wsi.Slide, entry: SlideEntry, tissue: TissueMask,
+                   grid: TileGrid, config: SlidepipeConfig) -> None:
+    provenance = {
+        "slide_path": str(entry.path), "slide_id": entry.slide_id,
+        "slide_hash": slide.content_hash, "slide": slide.summary(),
+        "tissue_threshold": tissue.threshold, "tissue_mask_mpp": tissue.mask_mpp,
+        "slidepipe_version": __version__, "created": datetime.now(UTC).isoformat(),
+        "config": config.resolved(),
+    }
+    wsi.save_grid(grid, folder, slide_name=entry.slide_id,
+                  level_dimensions=[list(d) for d in slide.level_dimensions],
+                  provenance=provenance)
+    Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(folder / "tissue.png")
+    (folder / "tissue.geojson").write_text(json.dumps(tissue.to_geojson()))
+    _overview(slide, grid).save(folder / "overview.png")
+
+
+def tile_slide(entry: SlideEntry, config: SlidepipeConfig, out_dir: Path,
+               mpp_overrides: dict[str, float] | None = None) -> TileResult:
+    """Tile one slide into ``out_dir/<slide_id>``; never raises for a bad slide."""
+    start = time.perf_counter()
+    result = TileResult(slide_id=entry.slide_id, path=str(entry.path), status="failed")
+    try:
+        per_slide = wsi.lookup_mpp_override(mpp_overrides, entry.path) if mpp_overrides else None
+        mpp = entry.mpp or per_slide or config.slides.mpp
+        with wsi.open_slide(entry.path, config.slides.backend, mpp=mpp) as slide:
+            result.backend = slide.backend_name
+            result.mpp = round(slide.level0_mpp, 5)
+            tissue = wsi.detect_tissue(slide, config.tissue)
+            spec = wsi.plan_grid(slide, config.tiling)
+            grid = wsi.build_grid(tissue, spec, config.tiling)
+            if config.qc.enabled and len(grid):
+                grid = _pixel_qc(slide, grid, config)
+            with atomic_directory(out_dir / entry.slide_id) as folder:
+                _write_outputs(folder, slide, entry, tissue, grid, config)
+        result.patches = len(grid)
+        result.tissue_area_mm2 = round(tissue.area_mm2, 4)
+        if tissue.is_empty or len(grid) == 0:
+            result.status = "no_tissue"
+            result.error = ("no tissue found" if tissue.is_empty else
+                            "tissue found but no patch reaches the minimum tissue fraction")
+            log.warning("%s: %s", entry.path, result.error)
+        else:
+            result.status = "ok"
+    except (wsi.SlideError, OSError, ValueError) as error:
+        result.error = str(error)
+        log.error("%s: %s", entry.path, error, exc_info=True)
+    except Exception as error:  # a broken slide must never stop the archive
+        result.error = f"unexpected {type(error).__name__}: {error}"
+        log.exception("%s: unexpected failure", entry.path)
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result
+
+
+def summary_rows(results: list[TileResult]) -> list[dict[str, object]]:
+    """The rows of ``summary.csv``."""
+    return [asdict(r) for r in results]
