@@ -30,7 +30,7 @@ def _write_zarr(grid: TileGrid, path: Path, attributes: dict[str, Any]) -> None:
     group.create_array("coords", data=grid.coords.astype(np.int64), chunks=(rows, 2))
     for name, values in grid.measurements.items():
         group.create_array(name, data=values.astype(np.float32), chunks=(rows,))
-    group.attrs.update({**attributes, "measurements": sorted(grid.measurements)})
+    group.attrs.update(attributes)
 
 
 def _write_hdf5(grid: TileGrid, path: Path, slide_name: str, level_dimensions: list[list[int]]
@@ -60,7 +60,7 @@ def save_grid(grid: TileGrid, folder: str | Path, *, slide_name: str,
     folder = Path(folder)
     attributes = {"schema": GRID_SCHEMA, "spec": grid.spec.as_dict(),
                   "level0_size": list(grid.level0_size), "num_patches": len(grid),
-                  "provenance": provenance}
+                  "measurements": sorted(grid.measurements), "provenance": provenance}
     _write_zarr(grid, folder / ZARR_NAME, attributes)
     _write_hdf5(grid, folder / HDF5_NAME, slide_name, level_dimensions)
     write_json_atomic(folder / PROVENANCE_NAME, attributes)

@@ -19,7 +19,12 @@ import numpy as np
 from PIL import Image
 
 from .backends import BACKEND_NAMES, Backend, make_backend
-from .errors import ImplausibleResolutionError, MissingResolutionError, SlideOpenError
+from .errors import (
+    ImplausibleResolutionError,
+    MissingResolutionError,
+    SlideOpenError,
+    SlideReadError,
+)
 from .fingerprint import content_hash, is_url
 from .resolution import (
     PLAUSIBLE_MPP,
@@ -183,10 +188,14 @@ class Slide:
         if x1 <= x0 or y1 <= y0:
             return out
         inside = (round(x0 * downsample), round(y0 * downsample))
-        if inside == (int(location[0]), int(location[1])) and (x1 - x0, y1 - y0) == (width,
-                                                                                       height):
-            return composite_on_white(self.backend.read_rgba(inside, level, (width, height)))
-        rgba = self.backend.read_rgba(inside, level, (x1 - x0, y1 - y0))
+        try:
+            rgba = self.backend.read_rgba(inside, level, (x1 - x0, y1 - y0))
+        except Exception as error:  # backends raise their own types for corrupt data
+            raise SlideReadError(self.path, f"cannot read level {level} at {inside}: "
+                                 f"{type(error).__name__}: {error}; the file may be truncated "
+                                 "or corrupt") from error
+        if (x1 - x0, y1 - y0) == (width, height):
+            return composite_on_white(rgba)
         out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = composite_on_white(rgba)
         return out
 
