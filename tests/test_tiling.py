@@ -42,7 +42,7 @@ def _reference_tissue(slide: wsi.Slide, mpp: float = 2.0) -> np.ndarray:
 
 def test_default_settings_find_tissue_on_the_small_real_biopsy(real_svs: Path) -> None:
     """CLAM's default preset finds nothing here; slidepipe's physical-unit defaults do."""
-    slide, tissue, grid = _grid(real_svs)
+    _slide, tissue, grid = _grid(real_svs)
     assert 0.3 < tissue.area_mm2 < 1.2
     assert len(grid) >= 30
 
@@ -81,7 +81,7 @@ def test_grid_is_identical_whichever_backend_reads(fixture: str,
 
 
 def test_grid_on_large_slide_stays_on_the_tissue_blocks(large_svs: Path) -> None:
-    slide, tissue, grid = _grid(large_svs)
+    _slide, _tissue, grid = _grid(large_svs)
     size = grid.spec.patch_size_level0
     blocks = [box(x, y, x + w, y + h) for x, y, w, h in builders.large_svs_boxes()]
     patches = shapely.box(grid.coords[:, 0], grid.coords[:, 1], grid.coords[:, 0] + size,
@@ -156,7 +156,7 @@ def test_include_and_exclude_annotations(real_svs: Path, tmp_path: Path) -> None
     assert not exclude.mask[: rows // 2 - 2].any()
     assert include.mask.sum() + exclude.mask.sum() == pytest.approx(full.mask.sum(), abs=200)
     (tmp_path / "bad.geojson").write_text("{not json")
-    with pytest.raises(wsi.AnnotationError, match="bad.geojson"):
+    with pytest.raises(wsi.AnnotationError, match=r"bad\.geojson"):
         wsi.detect_tissue(slide, wsi.TissueSettings(include_annotations=tmp_path / "bad.geojson"))
 
 
