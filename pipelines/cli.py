@@ -6,7 +6,6 @@ slides, unwritable output). Errors print as one line; tracebacks go to the run l
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -28,8 +27,9 @@ import wsi
 
 from . import __version__
 from .config import ConfigError, SlidepipeConfig, load_config
+from .demo import generate_demo_cohort
 from .discovery import ManifestError, discover_slides
-from .tile import TileResult, summary_rows, tile_slide
+from .tile import TileResult, tile_slide, write_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="slidepipe: whole-slide images to tissue grids, features, grades and "
@@ -143,11 +143,7 @@ def run_tiling(inputs: list[Path], out: Path, config: SlidepipeConfig) -> list[T
             results.append(result)
             progress.advance(task)
         progress.update(task, now="")
-    rows = summary_rows(results)
-    with open(out / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_summary(results, out)
     return results
 
 
@@ -193,6 +189,25 @@ def tile(
     code = _print_tiling_summary(results, out)
     if code:
         console.print(f"details of the failures: {log_path}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("demo-output"),
+) -> None:
+    """Generate a small synthetic cohort of pyramidal H&E-like slides (half with lesions) and
+    run the pipeline on it with the embedded defaults."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = _setup_run_log(out)
+    console.print(f"generating the demo cohort in {out / 'slides'} …")
+    labels = generate_demo_cohort(out)
+    tiles = out / "tiles"
+    tiles.mkdir(exist_ok=True)
+    results = run_tiling([labels], tiles, load_config(None))
+    code = _print_tiling_summary(results, tiles)
+    console.print(f"overviews with the patch grid: {tiles}/<slide>/overview.png; "
+                  f"tissue outlines for QuPath: {tiles}/<slide>/tissue.geojson; log: {log_path}")
     raise typer.Exit(code)
 
 

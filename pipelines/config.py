@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wsi import GridSettings, PatchQCSettings, TissueSettings
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field."""
@@ -59,8 +57,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> SlidepipeConfig:
-    """Load ``path`` (or the packaged defaults) and apply ``overrides`` (nested dict, e.g.
-    ``{"tiling": {"target_mpp": 1.0}}``; ``None`` values are ignored)."""
+    """Load ``path`` (or the built-in defaults, documented in ``configs/default.yaml``) and
+    apply ``overrides`` (nested dict, e.g. ``{"tiling": {"target_mpp": 1.0}}``; ``None`` values
+    are ignored)."""
     data: dict[str, Any] = {}
     source = Path(path) if path is not None else None
     if source is not None:

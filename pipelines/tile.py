@@ -8,10 +8,12 @@ with an empty grid and the status ``no_tissue``; a slide that fails gets none, a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import wsi
-from wsi.atomic import atomic_directory
+from wsi.atomic import atomic_directory, write_text_atomic
 from wsi.tiling import TileGrid
 from wsi.tissue import TissueMask
 
@@ -125,6 +127,12 @@ def tile_slide(entry: SlideEntry, config: SlidepipeConfig, out_dir: Path,
     return result
 
 
-def summary_rows(results: list[TileResult]) -> list[dict[str, object]]:
-    """The rows of ``summary.csv``."""
-    return [asdict(r) for r in results]
+def write_summary(results: list[TileResult], out_dir: Path) -> Path:
+    """Write ``out_dir/summary.csv`` (one row per slide) atomically; returns its path."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(TileResult)])
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in results)
+    path = out_dir / "summary.csv"
+    write_text_atomic(path, buffer.getvalue())
+    return path

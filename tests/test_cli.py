@@ -123,3 +123,9 @@ def test_info_reports_bad_slides_with_exit_code(png_named_svs: Path) -> None:
     result = runner.invoke(app, ["info", str(png_named_svs), "--json"])
     assert result.exit_code == 2
     assert "not a readable slide" in json.loads(result.stdout)[0]["error"]
+
+
+def test_default_yaml_documents_the_built_in_defaults(repo_root: Path) -> None:
+    from pipelines.config import load_config
+
+    assert load_config(repo_root / "configs" / "default.yaml") == load_config(None)

@@ -189,3 +189,13 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path, small_svs: Path) -> No
                             text=True, check=False, preexec_fn=_drop_file_permission_override)
     assert result.returncode == 3, result.stderr
     assert "permission denied" in result.stdout
+
+
+def test_fsspec_urls_open_with_tiffslide(small_svs: Path) -> None:
+    url = small_svs.resolve().as_uri()
+    with wsi.open_slide(url) as slide, wsi.open_slide(small_svs) as local:
+        assert slide.backend_name == "tiffslide"
+        assert slide.dimensions == local.dimensions
+        assert slide.content_hash == local.content_hash
+        np.testing.assert_array_equal(slide.read_region((512, 512), 0, (64, 64)),
+                                      local.read_region((512, 512), 0, (64, 64)))
