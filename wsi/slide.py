@@ -218,8 +218,10 @@ class Slide:
         else:
             assert size is not None
             downsample = max(width0 / size[0], height0 / size[1], 1.0)
-        out_w, out_h = max(1, round(width0 / downsample)), max(1, round(height0 / downsample))
         level = self.best_level(downsample)
+        if abs(self.level_downsamples[level] / downsample - 1.0) <= 0.05:
+            downsample = self.level_downsamples[level]  # a stored level serves it as is
+        out_w, out_h = max(1, round(width0 / downsample)), max(1, round(height0 / downsample))
         level_w, level_h = self.level_dimensions[level]
         scale = level_h / out_h
         rows_per_strip = max(1, int(THUMBNAIL_STRIP_PIXELS // max(level_w * scale, 1)))

@@ -152,21 +152,39 @@ class TileGrid:
         return TileGrid(self.coords, {**self.measurements, **extra}, self.spec, self.level0_size)
 
 
+def _band_sums(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, axis: int
+               ) -> np.ndarray:
+    """Sums of ``values`` over the index ranges [start, stop) along ``axis`` (ranges may
+    overlap or be empty): a single ``reduceat`` over the sorted range boundaries, then a short
+    cumulative sum over those segments."""
+    length = values.shape[axis]
+    edges = np.unique(np.concatenate([[0], starts, stops]))
+    edges = edges[edges < length]
+    segments = np.add.reduceat(values, edges, axis=axis, dtype=np.int64)
+    shape = list(segments.shape)
+    shape[axis] += 1
+    cumulative = np.zeros(shape, dtype=np.int64)
+    np.cumsum(segments, axis=axis, out=cumulative[1:] if axis == 0 else cumulative[:, 1:])
+    boundaries = np.append(edges, length)
+    first, last = np.searchsorted(boundaries, starts), np.searchsorted(boundaries, stops)
+    return np.take(cumulative, last, axis=axis) - np.take(cumulative, first, axis=axis)
+
+
 def _box_fractions(mask: np.ndarray, downsample: tuple[float, float], xs: np.ndarray,
                    ys: np.ndarray, size_level0: int) -> np.ndarray:
     """Fraction of true mask pixels inside every patch box (len(ys), len(xs)); parts of a box
-    outside the slide count as false."""
-    height, width = mask.shape
-    table = np.zeros((height + 1, width + 1), dtype=np.int64)
-    table[1:, 1:] = mask.cumsum(axis=0, dtype=np.int64).cumsum(axis=1)
+    outside the slide count as false.
+
+    Sums come in two separable passes: the mask summed over each row band of patches, then
+    each band summed over each column band.
+    """
     x0 = np.round(xs / downsample[0]).astype(np.int64)
     x1 = np.maximum(np.round((xs + size_level0) / downsample[0]).astype(np.int64), x0 + 1)
     y0 = np.round(ys / downsample[1]).astype(np.int64)
     y1 = np.maximum(np.round((ys + size_level0) / downsample[1]).astype(np.int64), y0 + 1)
     area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
-    cx0, cx1 = np.clip(x0, 0, width), np.clip(x1, 0, width)
-    cy0, cy1 = np.clip(y0, 0, height), np.clip(y1, 0, height)
-    inside = (table[cy1][:, cx1] - table[cy0][:, cx1] - table[cy1][:, cx0] + table[cy0][:, cx0])
+    rows = _band_sums(mask, np.clip(y0, 0, mask.shape[0]), np.clip(y1, 0, mask.shape[0]), 0)
+    inside = _band_sums(rows, np.clip(x0, 0, mask.shape[1]), np.clip(x1, 0, mask.shape[1]), 1)
     return (inside / area).astype(np.float32)
 
 

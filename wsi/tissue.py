@@ -37,7 +37,8 @@ class TissueSettings(BaseModel):
     min_value: float = Field(
         0.08, ge=0, le=1, description="pixels darker than this (scanner borders) are not tissue")
     median_size: int = Field(3, ge=1, description="median blur window, mask pixels (odd)")
-    closing_um: float = Field(16.0, ge=0, description="morphological closing radius, µm")
+    closing_um: float = Field(
+        16.0, ge=0, description="morphological closing, half the side of the square, µm")
     max_hole_area_mm2: float = Field(0.01, ge=0, description="holes up to this area are filled")
     min_area_mm2: float = Field(0.005, ge=0, description="smaller tissue pieces are dropped")
     include_annotations: Path | None = Field(
@@ -85,10 +86,13 @@ class TissueMask:
 
 def hsv_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value in [0, 1] as float32, without a full colour conversion."""
-    high = rgb.max(axis=2).astype(np.float32)
-    low = rgb.min(axis=2).astype(np.float32)
-    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
-    return saturation, high / 255.0
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(red, green), blue)
+    chroma = (high - np.minimum(np.minimum(red, green), blue)).astype(np.float32)
+    value = high.astype(np.float32)
+    saturation = np.divide(chroma, value, out=np.zeros_like(value), where=high > 0)
+    value *= 1.0 / 255.0
+    return saturation, value
 
 
 def hue_degrees(rgb: np.ndarray) -> np.ndarray:
@@ -102,34 +106,71 @@ def hue_degrees(rgb: np.ndarray) -> np.ndarray:
     return np.where(chroma > 0, hue * 60.0, 0.0).astype(np.float32)
 
 
-def pen_mark_mask(rgb: np.ndarray) -> np.ndarray:
+def pen_mark_mask(rgb: np.ndarray, saturation: np.ndarray | None = None,
+                  value: np.ndarray | None = None) -> np.ndarray:
     """Pixels coloured like marker ink rather than H&E: green/cyan/blue ink (hue 70–230°,
     saturated) and black ink (very dark). Eosin is pink-red and haematoxylin purple (hue
-    > 250°), so stained tissue is not flagged."""
-    saturation, value = hsv_saturation_value(rgb)
-    hue = hue_degrees(rgb)
-    coloured = (hue >= 70) & (hue <= 230) & (saturation > 0.3) & (value > 0.15)
-    black = value < 0.2
-    return coloured | black
+    > 250°), so stained tissue is not flagged. Pass ``saturation``/``value`` when already
+    computed; the hue is computed only for saturated pixels."""
+    if saturation is None or value is None:
+        saturation, value = hsv_saturation_value(rgb)
+    pen = value < 0.2
+    candidates = np.flatnonzero((saturation > 0.3) & (value > 0.15))
+    if candidates.size:
+        hue = hue_degrees(rgb.reshape(-1, 3)[candidates])
+        pen.reshape(-1)[candidates[(hue >= 70) & (hue <= 230)]] = True
+    return pen
+
+
+def _window_reduce(image: np.ndarray, size: int, ufunc: np.ufunc) -> np.ndarray:
+    """Reduce every ``size`` x ``size`` window (centred, zero padding) with ``ufunc``, as two
+    separable passes of shifted whole-array operations."""
+    radius = size // 2
+    for axis in (0, 1):
+        length = image.shape[axis]
+        padded = np.pad(image, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)])
+
+        def shifted(offset: int, padded: np.ndarray = padded, axis: int = axis,
+                    length: int = length) -> np.ndarray:
+            return padded[offset:offset + length] if axis == 0 else \
+                padded[:, offset:offset + length]
+
+        out = shifted(0).copy()
+        for offset in range(1, size):
+            ufunc(out, shifted(offset), out=out)
+        image = out
+    return image
 
 
 def _box_majority(mask: np.ndarray, size: int) -> np.ndarray:
+    """True where most of the ``size`` x ``size`` window is true (a binary median filter)."""
     if size <= 1:
         return mask
-    counts = ndi.uniform_filter(mask.astype(np.float32), size=size, mode="constant")
-    return counts > 0.5
+    counts = _window_reduce(mask.astype(np.uint8 if size * size < 256 else np.uint16), size,
+                            np.add)
+    return counts > (size * size) // 2
+
+
+def _close(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological closing with a (2r+1)-square; the border is padded so tissue at the
+    slide's edge is not eroded."""
+    side = 2 * radius + 1
+    padded = np.pad(mask, radius)
+    closed = _window_reduce(_window_reduce(padded, side, np.logical_or), side, np.logical_and)
+    return closed[radius:-radius, radius:-radius]
 
 
 def _fill_small_holes(mask: np.ndarray, max_hole_pixels: float) -> np.ndarray:
+    """Fill background regions enclosed by tissue (not touching the border) up to a size."""
     if max_hole_pixels <= 0:
         return mask
-    holes = ndi.binary_fill_holes(mask) & ~mask
-    labels, count = ndi.label(holes)
+    labels, count = ndi.label(~mask)
     if count == 0:
         return mask
     sizes = np.bincount(labels.ravel())
     small = sizes <= max_hole_pixels
     small[0] = False
+    small[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
     return mask | small[labels]
 
 
@@ -162,21 +203,29 @@ def _rasterise(polygons: list[Polygon], shape: tuple[int, int],
 def segment_tissue(rgb: np.ndarray, mask_mpp: float, settings: TissueSettings
                    ) -> tuple[np.ndarray, float]:
     """Tissue mask of an RGB thumbnail at ``mask_mpp`` µm/px; returns (mask, threshold)."""
-    saturation, value = hsv_saturation_value(rgb)
+    return _segment(*hsv_saturation_value(rgb), mask_mpp, settings)
+
+
+def _otsu_threshold(saturation: np.ndarray) -> float:
+    """Otsu's threshold (0-1) from the 256-bin saturation histogram; 1.0 when it is flat."""
+    levels = (saturation * 255.0 + 0.5).astype(np.uint8)
+    counts = np.bincount(levels.ravel(), minlength=256)
+    if np.count_nonzero(counts) < 2:
+        return 1.0
+    return float(filters.threshold_otsu(hist=(counts, np.arange(256)))) / 255.0
+
+
+def _segment(saturation: np.ndarray, value: np.ndarray, mask_mpp: float,
+             settings: TissueSettings) -> tuple[np.ndarray, float]:
     if settings.saturation_threshold is not None:
         threshold = settings.saturation_threshold
     else:
-        histogram_source = np.round(saturation * 255).astype(np.uint8)
-        otsu = filters.threshold_otsu(histogram_source) / 255.0 if np.ptp(
-            histogram_source) > 0 else 1.0
-        threshold = max(float(otsu), settings.min_saturation)
+        threshold = max(_otsu_threshold(saturation), settings.min_saturation)
     mask = (saturation > threshold) & (value >= settings.min_value)
     mask = _box_majority(mask, settings.median_size)
     radius = round(settings.closing_um / mask_mpp)
     if radius > 0:
-        footprint = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
-        padded = np.pad(mask, radius)
-        mask = ndi.binary_closing(padded, structure=footprint)[radius:-radius, radius:-radius]
+        mask = _close(mask, radius)
     pixel_mm2 = (mask_mpp * 1e-3) ** 2
     mask = _fill_small_holes(mask, settings.max_hole_area_mm2 / pixel_mm2)
     mask = _drop_small_objects(mask, settings.min_area_mm2 / pixel_mm2)
@@ -192,14 +241,16 @@ def detect_tissue(slide: Slide, settings: TissueSettings | None = None) -> Tissu
     mask_mpp = max(settings.mask_mpp, slide.level0_mpp)
     thumbnail = slide.thumbnail(target_mpp=mask_mpp)
     mask_mpp = slide.level0_mpp * slide.dimensions[0] / thumbnail.shape[1]
-    mask, threshold = segment_tissue(thumbnail, mask_mpp, settings)
+    saturation, value = hsv_saturation_value(thumbnail)
+    mask, threshold = _segment(saturation, value, mask_mpp, settings)
     downsample = (slide.dimensions[0] / mask.shape[1], slide.dimensions[1] / mask.shape[0])
     if settings.include_annotations is not None:
         mask &= _rasterise(read_polygons(settings.include_annotations), mask.shape, downsample)
     if settings.exclude_annotations is not None:
         mask &= ~_rasterise(read_polygons(settings.exclude_annotations), mask.shape, downsample)
     return TissueMask(mask=mask, level0_size=slide.dimensions, mask_mpp=mask_mpp,
-                      threshold=threshold, thumbnail=thumbnail, pen=pen_mark_mask(thumbnail))
+                      threshold=threshold, thumbnail=thumbnail,
+                      pen=pen_mark_mask(thumbnail, saturation, value))
 
 
 def mask_to_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[Polygon]:
