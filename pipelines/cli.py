@@ -27,7 +27,7 @@ import wsi
 
 from . import __version__
 from .config import ConfigError, SlidepipeConfig, load_config
-from .demo import generate_demo_cohort
+from .demo import DEMO_SIZE, DEMO_SLIDES, generate_demo_cohort
 from .discovery import ManifestError, discover_slides
 from .tile import TileResult, tile_slide, write_summary
 
@@ -195,13 +195,15 @@ def tile(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("demo-output"),
+    slides: Annotated[int, typer.Option(min=2, help="number of slides")] = DEMO_SLIDES,
+    size: Annotated[int, typer.Option(min=1024, help="slide width and height, px")] = DEMO_SIZE,
 ) -> None:
     """Generate a small synthetic cohort of pyramidal H&E-like slides (half with lesions) and
     run the pipeline on it with the embedded defaults."""
     out.mkdir(parents=True, exist_ok=True)
     log_path = _setup_run_log(out)
     console.print(f"generating the demo cohort in {out / 'slides'} …")
-    labels = generate_demo_cohort(out)
+    labels = generate_demo_cohort(out, slides, (size, size))
     tiles = out / "tiles"
     tiles.mkdir(exist_ok=True)
     results = run_tiling([labels], tiles, load_config(None))
