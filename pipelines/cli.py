@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -43,15 +45,23 @@ def _fatal(message: str) -> typer.Exit:
     return typer.Exit(EXIT_FATAL)
 
 
-def _setup_run_log(out_dir: Path) -> Path:
-    """Log everything (with tracebacks) to OUT/slidepipe.log; the console stays one-line."""
+@contextmanager
+def _run_log(out_dir: Path) -> Iterator[Path]:
+    """Log everything (with tracebacks) to OUT/slidepipe.log while the command runs; the
+    console stays one line per problem."""
     log_path = out_dir / "slidepipe.log"
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    previous_level = root.level
     root.setLevel(logging.INFO)
     root.addHandler(handler)
-    return log_path
+    try:
+        yield log_path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
 
 
 def _progress() -> Progress:
@@ -184,8 +194,8 @@ def tile(
         out.mkdir(parents=True, exist_ok=True)
     except (ConfigError, OSError) as error:
         raise _fatal(str(error)) from error
-    log_path = _setup_run_log(out)
-    results = run_tiling(paths, out, config)
+    with _run_log(out) as log_path:
+        results = run_tiling(paths, out, config)
     code = _print_tiling_summary(results, out)
     if code:
         console.print(f"details of the failures: {log_path}")
@@ -201,12 +211,12 @@ def demo(
     """Generate a small synthetic cohort of pyramidal H&E-like slides (half with lesions) and
     run the pipeline on it with the embedded defaults."""
     out.mkdir(parents=True, exist_ok=True)
-    log_path = _setup_run_log(out)
-    console.print(f"generating the demo cohort in {out / 'slides'} …")
-    labels = generate_demo_cohort(out, slides, (size, size))
-    tiles = out / "tiles"
-    tiles.mkdir(exist_ok=True)
-    results = run_tiling([labels], tiles, load_config(None))
+    with _run_log(out) as log_path:
+        console.print(f"generating the demo cohort in {out / 'slides'} …")
+        labels = generate_demo_cohort(out, slides, (size, size))
+        tiles = out / "tiles"
+        tiles.mkdir(exist_ok=True)
+        results = run_tiling([labels], tiles, load_config(None))
     code = _print_tiling_summary(results, tiles)
     console.print(f"overviews with the patch grid: {tiles}/<slide>/overview.png; "
                   f"tissue outlines for QuPath: {tiles}/<slide>/tissue.geojson; log: {log_path}")
