@@ -45,19 +45,37 @@ def real_svs() -> Path:
     return REAL_SVS
 
 
-def large_svs() -> Path:
-    """The 40960 x 40960 Aperio SVS of :func:`tests.builders.build_large_svs`, built once and
-    cached in ``benchmarks/_data/`` (delete the file to rebuild it)."""
-    from tests.builders import build_large_svs
-
-    path = DATA_DIR / "large.svs"
+def _cached(name: str, build: Callable[[Path], Path]) -> Path:
+    """``benchmarks/_data/<name>``, written by ``build(DATA_DIR)`` when it is missing."""
+    path = DATA_DIR / name
     if not path.is_file():
         DATA_DIR.mkdir(parents=True, exist_ok=True)
-        print(f"building {path} (a few seconds, once)…", flush=True)
+        print(f"building {path} (once)…", flush=True)
         real_svs()
-        built = build_large_svs(DATA_DIR)
+        start = time.perf_counter()
+        built = build(DATA_DIR)
         assert built == path, built
+        print(f"built {path.name} in {time.perf_counter() - start:.1f} s", flush=True)
     return path
+
+
+def resection_svs() -> Path:
+    """The 40960 x 40960 resection-like Aperio SVS of
+    :func:`tests.builders.build_resection_svs` (real tissue over about 40 % of the slide, JPEG
+    quality 70), built once and cached in ``benchmarks/_data/`` (delete the file to rebuild
+    it). The benchmarks' main slide."""
+    from tests.builders import build_resection_svs
+
+    return _cached("resection.svs", build_resection_svs)
+
+
+def large_svs() -> Path:
+    """The sparse 40960 x 40960 Aperio SVS of :func:`tests.builders.build_large_svs` (eight
+    small biopsies, 1 % tissue, JPEG quality 90), built once and cached in
+    ``benchmarks/_data/`` (delete the file to rebuild it). Shown for information."""
+    from tests.builders import build_large_svs
+
+    return _cached("large.svs", build_large_svs)
 
 
 def best_of(function: Callable[[], T], repeats: int) -> tuple[float, T]:

@@ -286,6 +286,167 @@ def build_large_svs(folder: Path, size: tuple[int, int] = LARGE_SVS_SIZE) -> Pat
                          quality=QUALITY, associated=associated)
 
 
+# -- resection-like slide ------------------------------------------------------------------------
+#: Side of one resection block in level-0 pixels: four 256 px tiles, so every block starts on a
+#: tile boundary at every level (1024 / 64 = 16 px at the coarsest) and the glass around the
+#: tissue is made of whole white tiles, which the writer encodes once and reuses.
+RESECTION_BLOCK: Final = 1024
+#: JPEG quality of :func:`build_resection_svs`: Aperio scanners write Q=70.
+RESECTION_QUALITY: Final = 70
+
+#: Top-left (x, y) of the square crops of the real tissue that the resection is made of: a dense
+#: one (about 89 % tissue pixels) and one holding a tear in the tissue (about 66 %).
+_RESECTION_CROPS: Final = {"dense": (704, 1920), "torn": (704, 768)}
+_RESECTION_TRANSFORMS: Final = ("identity", "fliplr", "flipud", "rot90", "rot180", "rot270")
+#: About one block in this many is the torn crop; the others are the dense one.
+_RESECTION_TORN_EVERY: Final = 4
+
+#: Tissue pieces of the resection, in fractions of the slide side: centre x, centre y, mean
+#: radius, and (amplitude, frequency, phase) of the harmonics of an irregular outline.
+_RESECTION_PIECES: Final = (
+    (0.40, 0.54, 0.37, ((0.16, 3, 0.4), (0.09, 5, 1.3), (0.05, 8, 2.1))),
+    (0.85, 0.16, 0.10, ((0.20, 2, 2.5), (0.08, 5, 0.7))),
+)
+#: Glass inside the main piece (a lumen): centre x, centre y, radius, fractions of the side.
+_RESECTION_LUMEN: Final = (0.45, 0.47, 0.05)
+
+
+@cache
+def resection_block_pixels(crop: str, transform: str) -> np.ndarray:
+    """Read-only (1024, 1024, 3) real tissue: crop ``"dense"`` or ``"torn"`` of the real scan
+    transformed by one of ``identity``, ``fliplr``, ``flipud``, ``rot90``, ``rot180``,
+    ``rot270``."""
+    x, y = _RESECTION_CROPS[crop]
+    side = RESECTION_BLOCK
+    pixels = np.ascontiguousarray(_TRANSFORMS[transform](real_tissue()[y:y + side, x:x + side]))
+    pixels.setflags(write=False)
+    return pixels
+
+
+@dataclass(frozen=True)
+class ResectionBlock:
+    """One 1024 x 1024 block of real tissue (see :func:`resection_block_pixels`) at level-0
+    (x, y)."""
+
+    x: int
+    y: int
+    crop: str
+    transform: str
+
+    def pixels(self) -> np.ndarray:
+        """The block's level-0 RGB pixels."""
+        return resection_block_pixels(self.crop, self.transform)
+
+    def box(self) -> Box:
+        """The block's level-0 (x, y, width, height)."""
+        return self.x, self.y, RESECTION_BLOCK, RESECTION_BLOCK
+
+
+def _in_resection(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether points (fractions of the slide side) lie on the resection's tissue."""
+    inside = np.zeros(np.broadcast(u, v).shape, dtype=bool)
+    for cx, cy, radius, harmonics in _RESECTION_PIECES:
+        angle = np.arctan2(v - cy, u - cx)
+        outline = radius * (1 + sum(a * np.cos(k * angle + phase) for a, k, phase in harmonics))
+        inside |= np.hypot(u - cx, v - cy) <= outline
+    lx, ly, lr = _RESECTION_LUMEN
+    return inside & (np.hypot(u - lx, v - ly) > lr)
+
+
+def resection_layout(size: tuple[int, int] = LARGE_SVS_SIZE) -> tuple[ResectionBlock, ...]:
+    """The blocks of :func:`build_resection_svs`, row-major: a 1024 px grid over the slide, each
+    cell whose centre falls in one of two irregular tissue pieces (one with a lumen of glass)
+    holding a block; neighbouring blocks touch edge to edge. Each block's transform, and
+    whether it is the torn crop (about one in four), come from a hash of its cell.
+
+    Raises:
+        ValueError: The slide is too small to hold any block.
+    """
+    columns, rows = size[0] // RESECTION_BLOCK, size[1] // RESECTION_BLOCK
+    side = RESECTION_BLOCK
+    row, column = np.mgrid[0:rows, 0:columns]
+    inside = _in_resection((column + 0.5) * side / size[0], (row + 0.5) * side / size[1])
+    blocks = []
+    for r, c in zip(*np.nonzero(inside), strict=True):
+        digest = int.from_bytes(hashlib.sha256(f"resection:{c},{r}".encode()).digest()[:4],
+                                "little")
+        transform = _RESECTION_TRANSFORMS[digest % len(_RESECTION_TRANSFORMS)]
+        crop = "torn" if digest // len(_RESECTION_TRANSFORMS) % _RESECTION_TORN_EVERY == 0 \
+            else "dense"
+        blocks.append(ResectionBlock(int(c) * side, int(r) * side, crop, transform))
+    if not blocks:
+        raise ValueError(f"slide {size} too small for a resection of {side} px blocks")
+    return tuple(blocks)
+
+
+def resection_svs_boxes(size: tuple[int, int] = LARGE_SVS_SIZE) -> list[Box]:
+    """Level-0 boxes of the tissue blocks of :func:`build_resection_svs` at ``size``."""
+    return [block.box() for block in resection_layout(size)]
+
+
+class ResectionCanvas:
+    """A white slide whose tissue is 1024 px blocks on a regular grid; a
+    :data:`wsi.writer.RegionRenderer`.
+
+    A region is drawn from the few grid cells it overlaps (found by index, not by scanning all
+    blocks). At a downsample that divides 1024 every cell is exact; at any other (the SVS
+    thumbnail) cell edges are rounded down and each block is resized to its cell.
+    """
+
+    def __init__(self, size: tuple[int, int], blocks: Sequence[ResectionBlock]) -> None:
+        self.size = size
+        self.blocks = tuple(blocks)
+        side = RESECTION_BLOCK
+        self._cells: dict[tuple[int, int], ResectionBlock] = {
+            (b.x // side, b.y // side): b for b in self.blocks}
+        self._scaled: dict[tuple[str, str, int, int], np.ndarray] = {}
+
+    def __call__(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+        """Render the region (x, y, width, height) of the level at ``downsample``."""
+        region = np.full((height, width, 3), WHITE, dtype=np.uint8)
+        cell = RESECTION_BLOCK / downsample
+        for row in range(int(y // cell), int((y + height) // cell) + 1):
+            top, bottom = math.floor(row * cell), math.floor((row + 1) * cell)
+            for column in range(int(x // cell), int((x + width) // cell) + 1):
+                block = self._cells.get((column, row))
+                if block is None:
+                    continue
+                left, right = math.floor(column * cell), math.floor((column + 1) * cell)
+                pixels = self._block_at(block, right - left, bottom - top)
+                _paste(region, pixels, left - x, top - y)
+        return region
+
+    def _block_at(self, block: ResectionBlock, width: int, height: int) -> np.ndarray:
+        key = (block.crop, block.transform, width, height)
+        scaled = self._scaled.get(key)
+        if scaled is None:
+            pixels = block.pixels()
+            if (width, height) != (RESECTION_BLOCK, RESECTION_BLOCK):
+                pixels = np.asarray(Image.fromarray(pixels).resize(
+                    (max(width, 1), max(height, 1)), Image.Resampling.BOX))
+            scaled = self._scaled[key] = pixels
+        return scaled
+
+
+def build_resection_svs(folder: Path, size: tuple[int, int] = LARGE_SVS_SIZE,
+                        quality: int = RESECTION_QUALITY) -> Path:
+    """A large Aperio SVS (levels 1, 4, 16, 64, 0.499 µm/px) like a resection: real tissue
+    blocks packed edge to edge over two irregular pieces on about 46 % of the slide (42 % tissue by
+    slidepipe's mask; :func:`resection_layout`), JPEG quality 70 as Aperio scanners write,
+    label and macro.
+
+    Blocks sit on whole tiles, so all glass tiles are uniform white and encoded once; every
+    tile that holds tissue is encoded (the writer only reuses uniform tiles). About 7 s at
+    40960 x 40960 on one core.
+    """
+    canvas = ResectionCanvas(size, resection_layout(size))
+    overview = slide_overview(canvas, size, MACRO_DOWNSAMPLE)
+    associated = {"label": synthetic_label(), "macro": macro_image(overview)}
+    return write_pyramid(Path(folder) / "resection.svs", canvas, size, mpp=REAL_MPP, fmt="svs",
+                         downsamples=LARGE_SVS_DOWNSAMPLES, tile_size=TILE_SIZE,
+                         quality=quality, associated=associated)
+
+
 def mosaic_canvas() -> TissueCanvas:
     """Renderer of the 2 x 2 mirrored mosaic, which fills its whole slide."""
     return TissueCanvas(mosaic_size(), (TissueBlock(0, 0, "mosaic"),))
