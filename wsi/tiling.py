@@ -9,6 +9,7 @@ tile size, every patch is exactly a set of stored tiles (see docs/adr/0002-tile-
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -155,18 +156,21 @@ class TileGrid:
 def _band_sums(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, axis: int
                ) -> np.ndarray:
     """Sums of ``values`` over the index ranges [start, stop) along ``axis`` (ranges may
-    overlap or be empty): a single ``reduceat`` over the sorted range boundaries, then a short
-    cumulative sum over those segments."""
+    overlap or be empty): sums of the segments between sorted range boundaries (one pass over
+    the data), then a short cumulative sum over those segments."""
     length = values.shape[axis]
     edges = np.unique(np.concatenate([[0], starts, stops]))
     edges = edges[edges < length]
-    segments = np.add.reduceat(values, edges, axis=axis, dtype=np.int64)
+    bounds = np.append(edges, length)
+    data = values.view(np.uint8) if values.dtype == bool else values
+    segments = np.stack([data[a:b].sum(axis=0, dtype=np.int32) if axis == 0 else
+                         data[:, a:b].sum(axis=1, dtype=np.int64)
+                         for a, b in itertools.pairwise(bounds)], axis=axis)
     shape = list(segments.shape)
     shape[axis] += 1
     cumulative = np.zeros(shape, dtype=np.int64)
     np.cumsum(segments, axis=axis, out=cumulative[1:] if axis == 0 else cumulative[:, 1:])
-    boundaries = np.append(edges, length)
-    first, last = np.searchsorted(boundaries, starts), np.searchsorted(boundaries, stops)
+    first, last = np.searchsorted(bounds, starts), np.searchsorted(bounds, stops)
     return np.take(cumulative, last, axis=axis) - np.take(cumulative, first, axis=axis)
 
 
@@ -183,6 +187,8 @@ def _box_fractions(mask: np.ndarray, downsample: tuple[float, float], xs: np.nda
     y0 = np.round(ys / downsample[1]).astype(np.int64)
     y1 = np.maximum(np.round((ys + size_level0) / downsample[1]).astype(np.int64), y0 + 1)
     area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    if not mask.any():
+        return np.zeros(area.shape, dtype=np.float32)
     rows = _band_sums(mask, np.clip(y0, 0, mask.shape[0]), np.clip(y1, 0, mask.shape[0]), 0)
     inside = _band_sums(rows, np.clip(x0, 0, mask.shape[1]), np.clip(x1, 0, mask.shape[1]), 1)
     return (inside / area).astype(np.float32)
