@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +21,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,10 +31,12 @@ from rich.table import Table
 import wsi
 
 from . import __version__
+from .backbones import BackboneError
 from .config import ConfigError, SlidepipeConfig, load_config
 from .demo import DEMO_SIZE, DEMO_SLIDES, generate_demo_cohort
-from .discovery import ManifestError, discover_slides
-from .tile import TileResult, tile_slide, write_summary
+from .discovery import ManifestError, SlideEntry, discover_slides
+from .extract import ExtractResult, extract_archive
+from .tile import TileResult, tile_slide, write_csv_atomic, write_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="slidepipe: whole-slide images to tissue grids, features, grades and "
@@ -203,6 +208,97 @@ def tile(
 
 
 @app.command()
+def extract(
+    paths: Annotated[list[Path], typer.Argument(help="slides, folders (recursive), manifest CSVs")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="efficientnet_lite0 (embedded), resnet50_trunc, a timm name, hf-hub:ORG/NAME")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="local weights for the backbone")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="random initialisation (for quick checks only)")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1…")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="patches per forward pass")] = None,
+    target_mpp: Annotated[float | None, typer.Option(help="patch µm/px (0.5 ≈ 20x)")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="patch size in px")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="existing Dask scheduler, tcp://HOST:PORT (default: a LocalCluster)")] = None,
+    workers: Annotated[int | None, typer.Option(help="LocalCluster worker processes")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="recompute finished slides")
+                         ] = False,
+) -> None:
+    """Tile where no grid exists yet, then turn every patch into a feature vector with a
+    pretrained backbone on a Dask cluster; write zarr stores (and CLAM/TRIDENT HDF5), a
+    summary CSV and a patches/s line. Exit code 2 when any slide failed."""
+    try:
+        config = load_config(config_file, {
+            "backbone": {"name": backbone, "checkpoint": checkpoint, "device": device,
+                         "batch_size": batch_size,
+                         "pretrained": False if random_weights else None},
+            "tiling": {"target_mpp": target_mpp, "patch_size": patch_size},
+            "cluster": {"scheduler": scheduler, "workers": workers},
+            "extraction": {"overwrite": overwrite or None},
+        })
+        out.mkdir(parents=True, exist_ok=True)
+        entries = discover_slides(paths)
+    except (ConfigError, ManifestError, OSError) as error:
+        raise _fatal(str(error)) from error
+    if not entries:
+        raise _fatal("no slides found in " + ", ".join(map(str, paths)))
+    with _run_log(out) as log_path:
+        try:
+            results = run_extraction(entries, config, out)
+        except BackboneError as error:
+            raise _fatal(str(error)) from error
+    code = _print_extraction_summary(results, out)
+    if code:
+        console.print(f"details of the failures: {log_path}")
+    raise typer.Exit(code)
+
+
+def run_extraction(entries: list[SlideEntry], config: SlidepipeConfig, out: Path
+                   ) -> list[ExtractResult]:
+    """Extract features with per-slide and overall progress bars; writes
+    ``out/extract_summary.csv``."""
+    overrides = (wsi.load_mpp_overrides(config.slides.mpp_overrides)
+                 if config.slides.mpp_overrides else None)
+    start = time.perf_counter()
+    with _progress() as progress:
+        overall = progress.add_task("patches", total=None, now="")
+        tasks: dict[str, TaskID] = {}
+        done: dict[str, int] = {}
+
+        def on_progress(slide_id: str, patches_done: int, patches_total: int) -> None:
+            if slide_id not in tasks:
+                tasks[slide_id] = progress.add_task(slide_id, total=patches_total, now="")
+            progress.update(tasks[slide_id], completed=patches_done)
+            done[slide_id] = patches_done
+            elapsed = time.perf_counter() - start
+            total = sum(done.values())
+            progress.update(overall, completed=total, now=f"{total / elapsed:.1f} patches/s")
+
+        results = extract_archive(entries, config, out, overrides, on_progress)
+    write_csv_atomic(out / "extract_summary.csv", [asdict(r) for r in results])
+    return results
+
+
+def _print_extraction_summary(results: list[ExtractResult], out: Path) -> int:
+    counts = {s: sum(r.status == s for r in results)
+              for s in ("ok", "cached", "no_tissue", "failed")}
+    computed = [r for r in results if r.status == "ok"]
+    patches = sum(r.patches for r in computed)
+    seconds = sum(r.seconds for r in computed)
+    rate = f"{patches / seconds:.1f} patches/s" if seconds else "no patches computed"
+    console.print(f"{len(results)} slides: {counts['ok']} extracted ({patches} patches, {rate}), "
+                  f"{counts['cached']} already done, {counts['no_tissue']} without tissue, "
+                  f"{counts['failed']} failed; summary: {out / 'extract_summary.csv'}")
+    for r in results:
+        if r.status == "failed":
+            console.print(f"[red]failed[/] {r.slide_id}: {r.error}")
+    return EXIT_SLIDES_FAILED if counts["failed"] else EXIT_OK
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("demo-output"),
     slides: Annotated[int, typer.Option(min=2, help="number of slides")] = DEMO_SLIDES,
@@ -226,3 +322,7 @@ def demo(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wsi import GridSettings, PatchQCSettings, TissueSettings
 
+from .backbones import BackboneConfig
+from .cluster import ClusterConfig
+from .stain import StainConfig
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field."""
@@ -30,6 +34,19 @@ class SlideOptions(BaseModel):
         None, description="CSV with columns slide,mpp for slides lacking resolution metadata")
 
 
+class ExtractionConfig(BaseModel):
+    """How features are computed and stored (the ``extraction:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_rows: int = Field(2048, ge=1, description="patches per task and per zarr chunk")
+    dtype: Literal["float16", "float32"] = "float16"
+    decode_threads: int = Field(2, ge=1, description="patch-decoding threads per task")
+    export_hdf5: bool = Field(True, description="also write h5_files/<slide>.h5 (CLAM/TRIDENT)")
+    export_pt: bool = Field(False, description="also write pt_files/<slide>.pt (CLAM trainer)")
+    overwrite: bool = Field(False, description="recompute complete stores")
+
+
 class SlidepipeConfig(BaseModel):
     """The whole configuration; each section belongs to one stage."""
 
@@ -39,6 +56,10 @@ class SlidepipeConfig(BaseModel):
     tissue: TissueSettings = TissueSettings()
     tiling: GridSettings = GridSettings()
     qc: PatchQCSettings = PatchQCSettings()
+    backbone: BackboneConfig = BackboneConfig()
+    stain: StainConfig = StainConfig()
+    extraction: ExtractionConfig = ExtractionConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data, for provenance records."""

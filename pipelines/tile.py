@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw
 
 import wsi
 from wsi.atomic import atomic_directory, write_text_atomic
+from wsi.fingerprint import content_hash
+from wsi.grid_store import PROVENANCE_NAME
 from wsi.tiling import TileGrid
 from wsi.tissue import TissueMask
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 OVERVIEW_MAX_PX = 1600
 QC_BATCH = 64
+#: Config sections that change a grid; a grid made with the same values can be reused.
+GRID_SECTIONS = ("slides", "tissue", "tiling", "qc")
 
 
 @dataclass
@@ -127,12 +131,33 @@ def tile_slide(entry: SlideEntry, config: SlidepipeConfig, out_dir: Path,
     return result
 
 
-def write_summary(results: list[TileResult], out_dir: Path) -> Path:
-    """Write ``out_dir/summary.csv`` (one row per slide) atomically; returns its path."""
+def grid_folder_is_current(folder: Path, entry: SlideEntry, config: SlidepipeConfig) -> bool:
+    """True when ``folder`` holds a grid of this very slide (same content hash) made with the
+    same grid settings, so it can be reused instead of tiling again."""
+    try:
+        record = json.loads((folder / PROVENANCE_NAME).read_text())["provenance"]
+    except (OSError, KeyError, ValueError):
+        return False
+    made_with, wanted = record.get("config", {}), config.resolved()
+    if any(made_with.get(section) != wanted[section] for section in GRID_SECTIONS):
+        return False
+    try:
+        return record.get("slide_hash") == content_hash(entry.path)
+    except OSError:
+        return False
+
+
+def write_csv_atomic(path: Path, rows: list[dict[str, object]]) -> Path:
+    """Write ``rows`` (dicts with the same keys) as a CSV, atomically; returns the path."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(TileResult)])
-    writer.writeheader()
-    writer.writerows(asdict(r) for r in results)
-    path = out_dir / "summary.csv"
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
     return path
+
+
+def write_summary(results: list[TileResult], out_dir: Path) -> Path:
+    """Write ``out_dir/summary.csv`` (one row per slide) atomically; returns its path."""
+    return write_csv_atomic(out_dir / "summary.csv", [asdict(r) for r in results])

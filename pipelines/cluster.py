@@ -1,0 +1,83 @@
+"""Dask clusters for slidepipe: a LocalCluster sized to the machine by default, or an existing
+cluster (``tcp://HOST:PORT``, dask-jobqueue, Kubernetes) when the user names its scheduler.
+
+The same graph runs on either. Model workers are declared by the worker resource ``MODEL`` (one
+per worker process, so one process per GPU holds one model); tasks that run a backbone ask for
+one unit of it, so on an existing cluster only workers started with ``--resources MODEL=1``
+(and a GPU, where there is one) receive them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+MODEL_RESOURCE = "MODEL"
+
+
+class ClusterConfig(BaseModel):
+    """Where the graph runs (the ``cluster:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: str | None = Field(
+        None, description="address of an existing Dask scheduler (tcp://HOST:PORT); "
+        "None starts a LocalCluster")
+    workers: int | None = Field(
+        None, ge=1, description="LocalCluster worker processes (default: one per GPU, else 1)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker (default: the cores per worker)")
+    dashboard: str | None = Field(":0", description="dashboard address; None disables it")
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # a broken CUDA install must not stop CPU runs
+        return 0
+
+
+def default_workers(config: ClusterConfig) -> int:
+    """One worker process per GPU, or one on a CPU-only machine (torch uses its cores)."""
+    return config.workers or max(1, _gpu_count())
+
+
+def default_torch_threads(config: ClusterConfig, workers: int) -> int:
+    """Threads each worker's torch may use: the machine's cores shared between workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return config.torch_threads or max(1, (cores or 1) // workers)
+
+
+@contextmanager
+def dask_client(config: ClusterConfig) -> Iterator[Client]:
+    """A client on the configured cluster; a LocalCluster lives only inside the block."""
+    if config.scheduler:
+        client = Client(config.scheduler)
+        log.info("connected to Dask scheduler %s (dashboard %s)", config.scheduler,
+                 client.dashboard_link)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers = default_workers(config)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           resources={MODEL_RESOURCE: 1},
+                           dashboard_address=config.dashboard, silence_logs=logging.ERROR)
+    client = Client(cluster)
+    log.info("started a LocalCluster of %d worker(s); dashboard %s", workers,
+             client.dashboard_link if config.dashboard else "off")
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

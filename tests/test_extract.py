@@ -1,0 +1,150 @@
+"""Feature extraction end to end on a real Dask LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import wsi
+from pipelines.cli import app
+from pipelines.config import load_config
+from pipelines.discovery import discover_slides
+from pipelines.extract import extract_archive
+from pipelines.feature_store import open_features
+
+BACKBONE = {"name": "efficientnet_lite0", "batch_size": 32}
+
+
+def _config(tmp_path: Path, workers: int = 1, chunk_rows: int = 32, **extraction: object):
+    return load_config(None, {"backbone": BACKBONE,
+                              "cluster": {"workers": workers, "torch_threads": 1,
+                                          "dashboard": None},
+                              "extraction": {"chunk_rows": chunk_rows, **extraction}})
+
+
+def _store(out: Path, slide_id: str) -> Path:
+    return out / slide_id / "features_efficientnet_lite0.zarr"
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory, real_svs: Path) -> Path:
+    """One uninterrupted extraction of the real SVS, shared by the checks below."""
+    out = tmp_path_factory.mktemp("extract-real")
+    config = _config(out)
+    results = extract_archive(discover_slides([real_svs]), config, out)
+    assert [r.status for r in results] == ["ok"], results
+    return out
+
+
+def test_features_cover_the_grid_with_provenance(real_run: Path, real_svs: Path) -> None:
+    grid = wsi.load_grid(real_run / "CMU-1-Small-Region")
+    store = open_features(_store(real_run, "CMU-1-Small-Region"), verify=True)
+    assert len(store) == len(grid) and store.feature_dim == 1280
+    np.testing.assert_array_equal(store.coords, grid.coords)
+    features = store.features()
+    assert np.isfinite(features).all() and features.std() > 0
+    attrs = store.attrs
+    assert attrs["backbone"] == "efficientnet_lite0" and attrs["pretrained"] is True
+    assert attrs["slide_hash"] == wsi.open_slide(real_svs).content_hash
+    assert attrs["grid"]["patch_size"] == 256 and attrs["weights_hash"]
+    assert attrs["config"]["extraction"]["chunk_rows"] == 32
+
+
+def test_hdf5_export_loads_like_clam(real_run: Path) -> None:
+    path = real_run / "features_efficientnet_lite0" / "h5_files" / "CMU-1-Small-Region.h5"
+    store = open_features(_store(real_run, "CMU-1-Small-Region"))
+    with h5py.File(path, "r") as handle:
+        assert handle["features"].shape == (len(store), 1280)
+        np.testing.assert_array_equal(handle["coords"][:], store.coords)
+        assert handle["coords"].attrs["patch_size"] == 256
+        np.testing.assert_allclose(handle["features"][:], store.features(), rtol=1e-3)
+
+
+def test_rerun_skips_finished_slides(real_run: Path, real_svs: Path) -> None:
+    store = _store(real_run, "CMU-1-Small-Region")
+    before = (store / "_progress" / "COMPLETE.json").stat().st_mtime_ns
+    results = extract_archive(discover_slides([real_svs]), _config(real_run), real_run)
+    assert [r.status for r in results] == ["cached"]
+    assert (store / "_progress" / "COMPLETE.json").stat().st_mtime_ns == before
+
+
+def test_one_and_two_workers_give_identical_features(real_run: Path, real_svs: Path,
+                                                     tmp_path: Path) -> None:
+    reference = open_features(_store(real_run, "CMU-1-Small-Region")).features()
+    results = extract_archive(discover_slides([real_svs]), _config(tmp_path, workers=2),
+                              tmp_path)
+    assert [r.status for r in results] == ["ok"]
+    np.testing.assert_array_equal(
+        open_features(_store(tmp_path, "CMU-1-Small-Region")).features(), reference)
+
+
+def test_bad_slides_are_recorded_and_the_rest_go_on(tmp_path: Path, real_svs: Path,
+                                                    png_named_svs: Path) -> None:
+    results = extract_archive(discover_slides([png_named_svs, real_svs]), _config(tmp_path),
+                              tmp_path)
+    by_id = {r.slide_id: r for r in results}
+    assert by_id["png-named"].status == "failed" and "not a readable slide" in by_id[
+        "png-named"].error
+    assert by_id["CMU-1-Small-Region"].status == "ok"
+
+
+def _markers(store: Path) -> list[Path]:
+    return sorted((store / "_progress" / "chunks").glob("*.json"))
+
+
+def test_killed_run_resumes_to_identical_features(tmp_path: Path, small_svs: Path,
+                                                  real_run: Path) -> None:
+    """SIGKILL the whole extraction (client and workers) mid-slide, rerun, compare with an
+    uninterrupted run of the same slide."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps({
+        "backbone": BACKBONE, "extraction": {"chunk_rows": 16},
+        "cluster": {"workers": 1, "torch_threads": 1, "dashboard": None}}))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = [sys.executable, "-m", "pipelines.cli", "extract", str(small_svs), "--config",
+               str(config_file), "--out"]
+    process = subprocess.Popen([*command, str(killed)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = _store(killed, small_svs.stem)
+    deadline = time.monotonic() + 240
+    while len(_markers(store)) < 2 if store.exists() else True:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    written = len(_markers(store))
+    assert not (store / "_progress" / "COMPLETE.json").exists()
+    resumed = subprocess.run([*command, str(killed)], capture_output=True, text=True,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    uninterrupted = subprocess.run([*command, str(clean)], capture_output=True, text=True,
+                                   check=False)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    a = open_features(store, verify=True)
+    b = open_features(_store(clean, small_svs.stem), verify=True)
+    assert written < a.num_chunks
+    np.testing.assert_array_equal(a.features(), b.features())
+    np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_cli_extract_reports_patches_per_second(tmp_path: Path, real_svs: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"cluster": {"workers": 1, "dashboard": None}}))
+    result = CliRunner().invoke(app, ["extract", str(real_svs), "--out", str(tmp_path / "o"),
+                                      "--config", str(config), "--backbone", "resnet50_trunc",
+                                      "--random-weights", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "patches/s" in result.output
+    store = open_features(tmp_path / "o" / "CMU-1-Small-Region" / "features_resnet50_trunc.zarr")
+    assert store.feature_dim == 1024 and store.attrs["pretrained"] is False
