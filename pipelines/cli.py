@@ -277,7 +277,8 @@ def run_extraction(entries: list[SlideEntry], config: SlidepipeConfig, out: Path
             total = sum(done.values())
             progress.update(overall, completed=total, now=f"{total / elapsed:.1f} patches/s")
 
-        results = extract_archive(entries, config, out, overrides, on_progress)
+        results = extract_archive(entries, config, out, overrides, on_progress,
+                                  announce=progress.console.print)
     write_csv_atomic(out / "extract_summary.csv", [asdict(r) for r in results])
     return results
 
@@ -305,17 +306,23 @@ def demo(
     size: Annotated[int, typer.Option(min=1024, help="slide width and height, px")] = DEMO_SIZE,
 ) -> None:
     """Generate a small synthetic cohort of pyramidal H&E-like slides (half with lesions) and
-    run the pipeline on it with the embedded defaults."""
+    run the pipeline on it with the embedded defaults: tissue and patch grids, then features
+    from the embedded ImageNet EfficientNet-Lite0 on a Dask LocalCluster."""
     out.mkdir(parents=True, exist_ok=True)
+    config = load_config(None)
     with _run_log(out) as log_path:
         console.print(f"generating the demo cohort in {out / 'slides'} …")
         labels = generate_demo_cohort(out, slides, (size, size))
-        tiles = out / "tiles"
-        tiles.mkdir(exist_ok=True)
-        results = run_tiling([labels], tiles, load_config(None))
-    code = _print_tiling_summary(results, tiles)
-    console.print(f"overviews with the patch grid: {tiles}/<slide>/overview.png; "
-                  f"tissue outlines for QuPath: {tiles}/<slide>/tissue.geojson; log: {log_path}")
+        results = out / "results"
+        results.mkdir(exist_ok=True)
+        tiled = run_tiling([labels], results, config)
+        code = _print_tiling_summary(tiled, results)
+        extracted = run_extraction(discover_slides([labels]), config, results)
+        code = max(code, _print_extraction_summary(extracted, results))
+    console.print(f"per slide in {results}/<slide>/: overview.png (the patch grid), "
+                  "tissue.geojson (QuPath), grid.zarr and features_efficientnet_lite0.zarr; "
+                  f"CLAM/TRIDENT features: {results}/features_efficientnet_lite0/h5_files; "
+                  f"log: {log_path}")
     raise typer.Exit(code)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from distributed import Client, LocalCluster
@@ -58,12 +58,13 @@ def default_torch_threads(config: ClusterConfig, workers: int) -> int:
 
 
 @contextmanager
-def dask_client(config: ClusterConfig) -> Iterator[Client]:
-    """A client on the configured cluster; a LocalCluster lives only inside the block."""
+def dask_client(config: ClusterConfig,
+                announce: Callable[[str], None] = log.info) -> Iterator[Client]:
+    """A client on the configured cluster; a LocalCluster lives only inside the block.
+    ``announce`` receives one line saying where the graph runs and the dashboard address."""
     if config.scheduler:
         client = Client(config.scheduler)
-        log.info("connected to Dask scheduler %s (dashboard %s)", config.scheduler,
-                 client.dashboard_link)
+        announce(f"Dask scheduler {config.scheduler}; dashboard {client.dashboard_link}")
         try:
             yield client
         finally:
@@ -74,8 +75,8 @@ def dask_client(config: ClusterConfig) -> Iterator[Client]:
                            resources={MODEL_RESOURCE: 1},
                            dashboard_address=config.dashboard, silence_logs=logging.ERROR)
     client = Client(cluster)
-    log.info("started a LocalCluster of %d worker(s); dashboard %s", workers,
-             client.dashboard_link if config.dashboard else "off")
+    announce(f"Dask LocalCluster of {workers} worker(s); dashboard "
+             f"{client.dashboard_link if config.dashboard else 'off'}")
     try:
         yield client
     finally:

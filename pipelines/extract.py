@@ -163,10 +163,11 @@ def _finish_slide(plan: _SlidePlan, out: Path, config: SlidepipeConfig, tag: str
 def extract_archive(entries: list[SlideEntry], config: SlidepipeConfig, out: Path,
                     overrides: dict[str, float] | None = None,
                     on_progress: Callable[[str, int, int], None] | None = None,
-                    ) -> list[ExtractResult]:
+                    announce: Callable[[str], None] = log.info) -> list[ExtractResult]:
     """Extract features for every slide; never raises for one bad slide.
 
-    ``on_progress(slide_id, patches_done, patches_total)`` is called as chunks land.
+    ``on_progress(slide_id, patches_done, patches_total)`` is called as chunks land;
+    ``announce`` receives the line naming the cluster and its dashboard.
     """
     # loaded once here for its identity (feature size, weights hash); workers load their own
     backbone = load_backbone(config.backbone.model_copy(update={"device": "cpu",
@@ -190,15 +191,16 @@ def extract_archive(entries: list[SlideEntry], config: SlidepipeConfig, out: Pat
         if not slide_jobs and plan.result.status != "failed" and plan.result.status != "cached":
             _finish_slide(plan, out, config, tag)
     if jobs:
-        _run_jobs(jobs, plans, out, config, tag, on_progress)
+        _run_jobs(jobs, plans, out, config, tag, on_progress, announce)
     return [plan.result for plan in plans.values()]
 
 
 def _run_jobs(jobs: list[ChunkJob], plans: dict[str, _SlidePlan], out: Path,
               config: SlidepipeConfig, tag: str,
-              on_progress: Callable[[str, int, int], None] | None) -> None:
+              on_progress: Callable[[str, int, int], None] | None,
+              announce: Callable[[str], None]) -> None:
     done_patches: dict[str, int] = {key: 0 for key in plans}
-    with dask_client(config.cluster) as client:
+    with dask_client(config.cluster, announce) as client:
         run_id = time.time_ns()
         by_key = {}
         for job in jobs:

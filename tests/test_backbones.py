@@ -228,6 +228,16 @@ def test_resize_path_matches_pil(lite0: Backbone) -> None:
         assert cosine(features[0], reference) > 0.9
 
 
+def test_autocast_precision_on_cpu(lite0: Backbone) -> None:
+    """The bf16 autocast path (the CUDA default) runs on the CPU too and stays close to fp32."""
+    patches = tissue_patches(2)
+    bf16 = load_backbone(BackboneConfig(device="cpu", precision="bf16"))
+    assert bf16.autocast_dtype == torch.bfloat16 and lite0.autocast_dtype is None
+    features = Embedder(bf16)(patches)
+    assert features.dtype == np.float32
+    assert cosine(features[0], Embedder(lite0)(patches)[0]) > 0.99
+
+
 def test_input_validation(lite0: Backbone) -> None:
     with pytest.raises(ValueError, match="uint8"):
         Embedder(lite0)(np.zeros((1, 224, 224, 3), dtype=np.float32))

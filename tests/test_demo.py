@@ -14,7 +14,7 @@ from pipelines.cli import app
 def _run_demo(out: Path, *args: str) -> dict[str, dict[str, str]]:
     result = CliRunner().invoke(app, ["demo", "--out", str(out), *args])
     assert result.exit_code == 0, result.output
-    with open(out / "tiles" / "summary.csv", newline="") as handle:
+    with open(out / "results" / "summary.csv", newline="") as handle:
         return {row["slide_id"]: row for row in csv.DictReader(handle)}
 
 
@@ -25,7 +25,12 @@ def test_small_demo_runs_end_to_end(tmp_path: Path) -> None:
     labels = (tmp_path / "slides" / "labels.csv").read_text()
     assert "label" in labels.splitlines()[0]
     for slide_id in rows:
-        assert (tmp_path / "tiles" / slide_id / "overview.png").exists()
+        folder = tmp_path / "results" / slide_id
+        assert (folder / "overview.png").exists()
+        assert (folder / "features_efficientnet_lite0.zarr" / "_progress" / "COMPLETE.json"
+                ).exists()
+    extracted = (tmp_path / "results" / "extract_summary.csv").read_text()
+    assert extracted.count(",ok,") == 2
 
 
 @pytest.mark.slow

@@ -148,3 +148,37 @@ def test_cli_extract_reports_patches_per_second(tmp_path: Path, real_svs: Path) 
     assert "patches/s" in result.output
     store = open_features(tmp_path / "o" / "CMU-1-Small-Region" / "features_resnet50_trunc.zarr")
     assert store.feature_dim == 1024 and store.attrs["pretrained"] is False
+
+
+def test_existing_cluster_of_separate_processes_gives_identical_features(
+        tmp_path: Path, real_run: Path, real_svs: Path) -> None:
+    """A real `dask scheduler` and two `dask worker` processes on localhost, as an existing
+    cluster would be; the results equal the LocalCluster run's."""
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    processes = [subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", str(scheduler_file),
+                                   "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.1)
+        for _ in range(2):
+            processes.append(subprocess.Popen(
+                [dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                 "--resources", "MODEL=1", "--no-dashboard", "--host", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        address = json.loads(scheduler_file.read_text())["address"]
+        config = load_config(None, {"backbone": BACKBONE, "extraction": {"chunk_rows": 32},
+                                    "cluster": {"scheduler": address, "torch_threads": 1}})
+        results = extract_archive(discover_slides([real_svs]), config, tmp_path)
+        assert [r.status for r in results] == ["ok"], results
+        np.testing.assert_array_equal(
+            open_features(_store(tmp_path, "CMU-1-Small-Region")).features(),
+            open_features(_store(real_run, "CMU-1-Small-Region")).features())
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
