@@ -69,6 +69,24 @@ def resection_svs() -> Path:
     return _cached("resection.svs", build_resection_svs)
 
 
+def resection_svs_of_side(side: int) -> Path:
+    """The resection-like SVS of :func:`tests.builders.build_resection_svs` at ``side`` x
+    ``side`` level-0 pixels (same layout rules, so about ``(side / 40960)²`` of the full
+    slide's patches), cached as ``benchmarks/_data/resection-<side>/resection.svs``. The full
+    40960 px slide is :func:`resection_svs`."""
+    from tests.builders import build_resection_svs
+
+    if side == 40960:
+        return resection_svs()
+    folder = f"resection-{side}"
+
+    def build(data_dir: Path) -> Path:
+        (data_dir / folder).mkdir(exist_ok=True)
+        return build_resection_svs(data_dir / folder, (side, side))
+
+    return _cached(f"{folder}/resection.svs", build)
+
+
 def large_svs() -> Path:
     """The sparse 40960 x 40960 Aperio SVS of :func:`tests.builders.build_large_svs` (eight
     small biopsies, 1 % tissue, JPEG quality 90), built once and cached in

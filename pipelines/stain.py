@@ -4,13 +4,13 @@ Both normalisers map a batch ``(B, H, W, 3) uint8 → (B, H, W, 3) uint8`` with 
 vectorised over the batch (every patch is still normalised on its own statistics), are fitted to
 a target image with ``fit(target_rgb)`` and otherwise use a default H&E reference. Background
 (glass) pixels, those with a low optical density (OD = -ln(I / 255)), are excluded from every
-estimate; a patch with too little tissue falls back to the reference (it is left as it is), so
-blank patches never produce NaNs.
+estimate; a patch with too little tissue is mapped with the reference itself (left nearly as it
+is), so blank patches never produce NaNs. The Macenko stain plane is that of the uncentred OD
+(the singular directions of the paper), which keeps the Beer-Lambert plane through the origin.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Literal, Self
@@ -18,10 +18,11 @@ from typing import Final, Literal, Self
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
-from skimage.color import lab2rgb, rgb2lab
 
-#: Macenko reference H&E stain vectors (columns: haematoxylin, eosin; rows: R, G, B OD) and the
-#: reference 99th-percentile concentrations, the values used with Macenko et al. (ISBI 2009).
+#: Macenko reference H&E stain vectors (columns: haematoxylin, eosin; rows: R, G, B OD) and
+#: 99th-percentile concentrations: the standard reference of the Macenko et al. (ISBI 2009) code,
+#: reused by most implementations (it was measured with a 240 background; here OD uses 255, so
+#: glass maps to pure white).
 MACENKO_STAINS: Final = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]],
                                  dtype=np.float32)
 MACENKO_MAX_CONCENTRATIONS: Final = np.array([1.9705, 1.0308], dtype=np.float32)
@@ -43,6 +44,38 @@ ANGLE_PERCENTILE: Final = 1.0
 MAX_CONCENTRATION_PERCENTILE: Final = 99.0
 
 _OD_LUT: Final = (-np.log(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)
+
+# sRGB (D65) <-> CIELAB, in float32 (skimage's float64 conversions cost more than a backbone).
+_SRGB_LEVELS: Final = np.arange(256) / 255.0
+_LINEAR_LUT: Final = np.where(_SRGB_LEVELS <= 0.04045, _SRGB_LEVELS / 12.92,
+                              ((_SRGB_LEVELS + 0.055) / 1.055) ** 2.4).astype(np.float32)
+_RGB_TO_XYZ: Final = np.array([[0.412453, 0.357580, 0.180423],
+                               [0.212671, 0.715160, 0.072169],
+                               [0.019334, 0.119193, 0.950227]])
+_D65_WHITE: Final = np.array([0.95047, 1.0, 1.08883])
+_TO_XYZ_SCALED: Final = (_RGB_TO_XYZ / _D65_WHITE[:, None]).T.astype(np.float32)
+_FROM_XYZ_SCALED: Final = (np.linalg.inv(_RGB_TO_XYZ) * _D65_WHITE[None, :]).T.astype(np.float32)
+_DELTA: Final = 6.0 / 29.0
+
+
+def rgb_to_lab(batch: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 sRGB → (B, H·W, 3) float32 CIELAB (D65)."""
+    xyz = _LINEAR_LUT[batch.reshape(len(batch), -1, 3)] @ _TO_XYZ_SCALED
+    f = np.where(xyz > _DELTA ** 3, np.cbrt(xyz), xyz / (3 * _DELTA ** 2) + 4.0 / 29.0)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
+                     200.0 * (f[..., 1] - f[..., 2])], axis=-1).astype(np.float32)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """(..., 3) CIELAB → (..., 3) uint8 sRGB, out-of-gamut colours clipped."""
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, np.maximum(fy - lab[..., 2] / 200.0, 0.0)],
+                 axis=-1).astype(np.float32)
+    xyz = np.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4.0 / 29.0))
+    linear = np.clip(xyz @ _FROM_XYZ_SCALED, 0.0, 1.0)
+    srgb = np.where(linear <= 0.0031308, 12.92 * linear,
+                    1.055 * np.power(linear, 1 / 2.4, dtype=np.float32) - 0.055)
+    return np.clip(np.rint(srgb * 255.0), 0, 255).astype(np.uint8)
 
 
 class StainConfig(BaseModel):
@@ -165,18 +198,19 @@ class MacenkoNormaliser:
 def _reinhard_stats(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(LAB (B, N, 3), tissue weight (B, N), mean (B, 3), std (B, 3)) of tissue pixels; patches
     without enough tissue get NaN statistics."""
-    lab = rgb2lab(batch).reshape(len(batch), -1, 3)
+    lab = rgb_to_lab(batch)
     od_max = optical_density(batch).max(axis=2)
     mask = od_max >= OD_THRESHOLD
-    weight = mask[..., None].astype(np.float64)
-    count = np.maximum(mask.sum(axis=1), 1)[:, None].astype(np.float64)
-    mean = (lab * weight).sum(axis=1) / count
-    std = np.sqrt((((lab - mean[:, None]) ** 2) * weight).sum(axis=1) / count)
+    weight = mask[:, None, :].astype(np.float32)
+    count = np.maximum(mask.sum(axis=1), 1)[:, None].astype(np.float32)
+    mean = (weight @ lab)[:, 0] / count
+    deviation = lab - mean[:, None]
+    std = np.sqrt((weight @ (deviation * deviation))[:, 0] / count)
     ok = _enough_tissue(mask)
     mean[~ok], std[~ok] = np.nan, np.nan
     # Full transform on stained pixels, none on glass, a linear ramp in between.
     ramp = np.clip((od_max - OD_THRESHOLD / 2) / (OD_THRESHOLD / 2), 0.0, 1.0)
-    return lab, ramp, mean, std
+    return lab, ramp.astype(np.float32), mean.astype(np.float64), std.astype(np.float64)
 
 
 class ReinhardNormaliser:
@@ -204,13 +238,11 @@ class ReinhardNormaliser:
         lab, ramp, mean, std = _reinhard_stats(batch)
         fallback = ~np.isfinite(mean).all(axis=1)
         mean[fallback], std[fallback] = self.mean, self.std  # identity transform
-        scale = self.std / np.maximum(std, self.MIN_STD)
-        mapped = (lab - mean[:, None]) * scale[:, None] + self.mean
+        scale = (self.std / np.maximum(std, self.MIN_STD)).astype(np.float32)
+        shift = (self.mean - mean * scale).astype(np.float32)
+        mapped = lab * scale[:, None] + shift[:, None]
         lab += ramp[..., None] * (mapped - lab)
-        with warnings.catch_warnings():  # out-of-gamut colours are clipped, as intended
-            warnings.simplefilter("ignore", UserWarning)
-            rendered = lab2rgb(lab.reshape(batch.shape))
-        out = np.clip(np.rint(rendered * 255.0), 0, 255).astype(np.uint8)
+        out = lab_to_rgb(lab.reshape(batch.shape))
         return out if rgb.ndim == 4 else out[0]
 
 
