@@ -35,7 +35,8 @@ from .backbones import BackboneError
 from .config import ConfigError, SlidepipeConfig, load_config
 from .demo import DEMO_SIZE, DEMO_SLIDES, generate_demo_cohort
 from .discovery import ManifestError, SlideEntry, discover_slides
-from .extract import ExtractResult, extract_archive
+from .extract import ExtractResult, backbone_tag, extract_archive
+from .feature_store import FeatureStoreError, import_h5
 from .tile import TileResult, tile_slide, write_csv_atomic, write_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -297,6 +298,28 @@ def _print_extraction_summary(results: list[ExtractResult], out: Path) -> int:
         if r.status == "failed":
             console.print(f"[red]failed[/] {r.slide_id}: {r.error}")
     return EXIT_SLIDES_FAILED if counts["failed"] else EXIT_OK
+
+
+@app.command("import-features")
+def import_features(
+    files: Annotated[list[Path], typer.Argument(help="CLAM/TRIDENT .h5 feature files")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    backbone: Annotated[str, typer.Option(help="the backbone that made the features")],
+) -> None:
+    """Bring existing CLAM/TRIDENT feature files (datasets features and coords) into
+    slidepipe feature stores, OUT/<slide>/features_<backbone>.zarr, for the MIL stages."""
+    failed = 0
+    for file in files:
+        store = out / file.stem / f"features_{backbone_tag(backbone)}.zarr"
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            imported = import_h5(file, store, backbone=backbone)
+            console.print(f"{file.stem}: {len(imported)} patches x {imported.feature_dim} "
+                          f"→ {store}")
+        except (FeatureStoreError, OSError) as error:
+            failed += 1
+            console.print(f"[red]failed[/] {file}: {error}")
+    raise typer.Exit(EXIT_SLIDES_FAILED if failed else EXIT_OK)
 
 
 @app.command()

@@ -182,3 +182,17 @@ def test_existing_cluster_of_separate_processes_gives_identical_features(
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+def test_import_features_cli_brings_clam_files_in(real_run: Path, tmp_path: Path) -> None:
+    h5 = real_run / "features_efficientnet_lite0" / "h5_files" / "CMU-1-Small-Region.h5"
+    result = CliRunner().invoke(app, ["import-features", str(h5), "--out", str(tmp_path),
+                                      "--backbone", "efficientnet_lite0"])
+    assert result.exit_code == 0, result.output
+    imported = open_features(_store(tmp_path, "CMU-1-Small-Region"), verify=True)
+    original = open_features(_store(real_run, "CMU-1-Small-Region"))
+    np.testing.assert_array_equal(imported.coords, original.coords)
+    np.testing.assert_allclose(imported.features(), original.features(), rtol=1e-3)
+    bad = CliRunner().invoke(app, ["import-features", str(tmp_path / "missing.h5"), "--out",
+                                   str(tmp_path), "--backbone", "x"])
+    assert bad.exit_code == 2
