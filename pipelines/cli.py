@@ -30,8 +30,9 @@ from rich.table import Table
 
 import wsi
 
-from . import __version__
+from . import __version__, cli_mil
 from .backbones import BackboneError
+from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal
 from .config import ConfigError, SlidepipeConfig, load_config
 from .demo import DEMO_SIZE, DEMO_SLIDES, generate_demo_cohort
 from .discovery import ManifestError, SlideEntry, discover_slides
@@ -42,13 +43,6 @@ from .tile import TileResult, tile_slide, write_csv_atomic, write_summary
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="slidepipe: whole-slide images to tissue grids, features, grades and "
                        "heatmaps.")
-console = Console(stderr=True)
-EXIT_OK, EXIT_FATAL, EXIT_SLIDES_FAILED = 0, 1, 2
-
-
-def _fatal(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(EXIT_FATAL)
 
 
 @contextmanager
@@ -95,7 +89,7 @@ def info(
     try:
         entries = discover_slides(slides)
     except (ManifestError, OSError) as error:
-        raise _fatal(str(error)) from error
+        raise fatal(str(error)) from error
     records, failed = [], 0
     for entry in entries:
         try:
@@ -141,9 +135,9 @@ def run_tiling(inputs: list[Path], out: Path, config: SlidepipeConfig) -> list[T
     try:
         entries = discover_slides(inputs)
     except (ManifestError, OSError) as error:
-        raise _fatal(str(error)) from error
+        raise fatal(str(error)) from error
     if not entries:
-        raise _fatal("no slides found in " + ", ".join(map(str, inputs)))
+        raise fatal("no slides found in " + ", ".join(map(str, inputs)))
     overrides = (wsi.load_mpp_overrides(config.slides.mpp_overrides)
                  if config.slides.mpp_overrides else None)
     results: list[TileResult] = []
@@ -199,7 +193,7 @@ def tile(
         })
         out.mkdir(parents=True, exist_ok=True)
     except (ConfigError, OSError) as error:
-        raise _fatal(str(error)) from error
+        raise fatal(str(error)) from error
     with _run_log(out) as log_path:
         results = run_tiling(paths, out, config)
     code = _print_tiling_summary(results, out)
@@ -243,14 +237,14 @@ def extract(
         out.mkdir(parents=True, exist_ok=True)
         entries = discover_slides(paths)
     except (ConfigError, ManifestError, OSError) as error:
-        raise _fatal(str(error)) from error
+        raise fatal(str(error)) from error
     if not entries:
-        raise _fatal("no slides found in " + ", ".join(map(str, paths)))
+        raise fatal("no slides found in " + ", ".join(map(str, paths)))
     with _run_log(out) as log_path:
         try:
             results = run_extraction(entries, config, out)
         except BackboneError as error:
-            raise _fatal(str(error)) from error
+            raise fatal(str(error)) from error
     code = _print_extraction_summary(results, out)
     if code:
         console.print(f"details of the failures: {log_path}")
@@ -347,6 +341,12 @@ def demo(
                   f"CLAM/TRIDENT features: {results}/features_efficientnet_lite0/h5_files; "
                   f"log: {log_path}")
     raise typer.Exit(code)
+
+
+app.command()(cli_mil.train)
+app.command()(cli_mil.evaluate)
+app.command()(cli_mil.predict)
+app.command()(cli_mil.compare)
 
 
 def main() -> None:

@@ -633,3 +633,70 @@ def build_unreadable(folder: Path, source_svs: Path | None = None) -> Path:
     shutil.copyfile(source_svs, path)
     os.chmod(path, 0)
     return path
+
+
+# --- A cohort of real-tissue slides with known lesions (MIL end-to-end tests) -----------------
+
+LESION_BLOCK: Final = 256
+LESION_GRID: Final = 8  # slides of 8 x 8 blocks
+LESION_SIDE: Final = 3  # a lesion covers 3 x 3 blocks
+
+
+@cache
+def _real_blocks(purple: bool, count: int = 6) -> tuple[np.ndarray, ...]:
+    """The ``count`` most purple (epithelium, dense nuclei) or most pink (stroma) 256 px blocks
+    of the real tissue that are at least 85 % tissue."""
+    pixels = real_tissue()
+    candidates = []
+    for y in range(0, pixels.shape[0] - LESION_BLOCK + 1, 128):
+        for x in range(0, pixels.shape[1] - LESION_BLOCK + 1, 128):
+            block = pixels[y:y + LESION_BLOCK, x:x + LESION_BLOCK].astype(np.float32)
+            high = block.max(axis=2)
+            saturation = (high - block.min(axis=2)) / np.maximum(high, 1)
+            if (saturation > 0.15).mean() >= 0.85:
+                candidates.append((float((block[..., 2] - block[..., 0]).mean()), x, y))
+    candidates.sort(reverse=purple)
+    return tuple(np.ascontiguousarray(pixels[y:y + LESION_BLOCK, x:x + LESION_BLOCK])
+                 for _, x, y in candidates[:count])
+
+
+def build_lesion_cohort(folder: Path, n_slides: int = 12, seed: int = 0
+                        ) -> tuple[Path, dict[str, tuple[int, int, int, int]]]:
+    """Slides of real stroma (8 x 8 blocks of 256 px, 0.499 µm/px), half of them with a
+    3 x 3-block lesion of real epithelium at a random place. Returns the labels CSV
+    (slide_id, patient_id, label, path) and each positive slide's lesion box (x, y, w, h)."""
+    rng = np.random.default_rng(seed)
+    stroma, lesion = _real_blocks(purple=False, count=3), _real_blocks(purple=True)
+    rows, boxes = ["slide_id,patient_id,label,path"], {}
+    for index in range(n_slides):
+        slide_id, positive = f"case{index:02d}", index % 2 == 1
+        cells = [[np.rot90(stroma[rng.integers(len(stroma))], k=int(rng.integers(4)))
+                  for _ in range(LESION_GRID)] for _ in range(LESION_GRID)]
+        if positive:
+            row0, col0 = (int(v) for v in rng.integers(0, LESION_GRID - LESION_SIDE + 1, 2))
+            for r in range(row0, row0 + LESION_SIDE):
+                for c in range(col0, col0 + LESION_SIDE):
+                    cells[r][c] = np.rot90(lesion[rng.integers(len(lesion))],
+                                           k=int(rng.integers(4)))
+            side = LESION_SIDE * LESION_BLOCK
+            boxes[slide_id] = (col0 * LESION_BLOCK, row0 * LESION_BLOCK, side, side)
+        canvas = np.concatenate([np.concatenate(row, axis=1) for row in cells], axis=0)
+        size = LESION_GRID * LESION_BLOCK
+        levels: dict[float, np.ndarray] = {1.0: canvas}
+
+        def render(x: int, y: int, w: int, h: int, ds: float,
+                   levels: dict[float, np.ndarray] = levels) -> np.ndarray:
+            if ds not in levels:
+                levels[ds] = np.asarray(Image.fromarray(levels[1.0]).reduce(int(ds)))
+            region = np.full((h, w, 3), 255, dtype=np.uint8)
+            part = levels[ds][y:y + h, x:x + w]
+            region[:part.shape[0], :part.shape[1]] = part
+            return region
+
+        path = write_pyramid(Path(folder) / f"{slide_id}.svs", render, (size, size),
+                             mpp=REAL_MPP, downsamples=(1, 4))
+        rows.append(f"{slide_id},patient{index:02d},{'positive' if positive else 'negative'},"
+                    f"{path.name}")
+    labels = Path(folder) / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return labels, boxes
