@@ -1,0 +1,785 @@
+"""Feature extraction throughput: slidepipe end to end against the backbone alone and CLAM's way.
+
+Run ``.venv/bin/python benchmarks/extract.py`` (``--quick`` for a smoke run).
+
+Patches/s for each backbone, the default ``efficientnet_lite0`` (embedded ImageNet weights) and
+``resnet50_trunc`` (``pretrained: false``: offline there are no ImageNet weights for it, and
+random weights run at the same speed), three ways:
+
+(a) slidepipe end to end: ``pipelines.extract.extract_archive`` in a fresh process, with the
+    default configuration (LocalCluster of one worker on a CPU-only machine, torch threads = all
+    cores, batch 64, 2 decode threads, chunks of 2048 patches, float16 zarr store plus the HDF5
+    export). The grids are made beforehand by ``tile_slide`` and copied in, so (a) measures
+    extraction, not tiling. The clock runs from the ``extract_archive`` call to its return:
+    the client's own model load, planning, LocalCluster start, the worker's imports and model
+    load, every chunk, finalising, exports and cluster shutdown (the process start and imports
+    before the call are shown, not counted). Each archive starts with the real
+    CMU-1-Small-Region (54 patches), so the first chunk to land carries the start-up; the chunks
+    after it give the steady rate, and start-up = time to the first chunk minus its patches at
+    the steady rate. The all-in rate (all patches / all of that time) is the figure the targets
+    use.
+(b) the ceiling: the same ``Embedder`` in a fresh process on real patches of the slide already
+    decoded into one uint8 array, fed in batches of the same size, same torch threads, after a
+    warm-up batch. Measured before and after (a); the mean of the two rates is used (only the
+    clean one when other processes took over 5 % of the CPUs during the other).
+(c) CLAM's extractor, re-implemented: a ``torch.utils.data.DataLoader`` over a
+    ``Whole_Slide_Bag_FP``-style dataset. Coordinates come from an HDF5 file made CLAM's way:
+    its segmentation at the level nearest 64x (``tiling.clam_segment``, with ``a_t = 1`` so
+    small slides keep their tissue), then per contour every ``patch`` step from the contour's
+    bounding-box corner (so NOT on the slide's tile grid), x-major as ``np.meshgrid(...,
+    indexing="ij")`` orders them, kept by the ``four_pt`` test. Each item reads its coordinate
+    from the HDF5 file, then ``openslide.OpenSlide.read_region(...).convert("RGB")``, then
+    torchvision ``Resize(input size)``, ``ToTensor()``, ``Normalize(mean, std)``. The model is
+    the same backbone in CLAM's form (fp32, NCHW, not channels-last), run under
+    ``torch.inference_mode()``; features are appended to an HDF5 file per batch.
+    ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with CUDA. Model
+    load and patching are not timed.
+
+Two more ceilings, for information, explain the gap between (a) and (b): (b') is (b) in a
+process started with the environment a Dask nanny gives its workers
+(``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_=65536`` and one-thread
+OMP/MKL/OpenBLAS variables; torch's thread count is set explicitly, as the worker does), and
+(b'') is (b') with ``MALLOC_MMAP_THRESHOLD_`` fixed at 256 MiB. Setting the trim threshold turns
+off glibc's dynamic mmap threshold, so every activation larger than 128 KiB is mapped,
+page-faulted and unmapped on every forward pass.
+
+Peak RSS: the (a) processes of a small and a 4x larger resection-like slide (each after the
+54-patch warm-up slide), as ``VmHWM`` from /proc (exact high-water marks): the client process,
+which also runs the scheduler and the nanny, read when ``extract_archive`` returns, and its
+descendants (the worker is the largest), polled every 0.2 s with the peak of the tree's summed
+RSS. (``getrusage`` would not do: ``ru_maxrss`` keeps the parent's high-water mark across fork
+and exec.)
+
+Slides: ``tests.builders.build_resection_svs`` at 10240² (768 patches) and 20480² (3024 patches,
+two chunks), cached in ``benchmarks/_data/``; real tissue, Aperio JPEG Q=70. efficientnet_lite0's
+(a) is the 20480² run (3078 patches with the warm-up slide). resnet50_trunc, 2.3x slower per
+patch, runs an archive of the warm-up slide and the 10240² slide twice (the second a hard link
+under another name): 1590 patches. (b) uses 512 / 256 patches, (b'), (b'') and (c) half as
+many.
+
+Every step also reports the share of the CPUs that other processes (or the hypervisor) took
+meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is printed above 5 %.
+
+Targets: on a CPU, (a) ≥ 0.9 x (b) for both backbones; on a GPU (only when
+``torch.cuda.is_available()``), (a) ≥ 0.9 x (b) and (a) ≥ 2 x (c); peak RSS of client and worker
+on the larger slide within 10 % of the smaller one. ``--quick``: 3072² and 6144² slides, 64
+patches, efficientnet_lite0 only, (b) once, no (b') or (b'') (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cv2
+import dask
+import h5py
+import numpy as np
+import openslide
+import psutil
+import torch
+from _common import (
+    DATA_DIR,
+    machine,
+    print_table,
+    real_svs,
+    resection_svs_of_side,
+    verdict,
+)
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import wsi
+from pipelines.backbones import load_backbone
+from pipelines.cluster import ClusterConfig, default_torch_threads, default_workers
+from pipelines.config import SlidepipeConfig, load_config
+from pipelines.discovery import SlideEntry
+from pipelines.extract import extract_archive
+from pipelines.inference import Embedder
+from pipelines.tile import tile_slide
+
+#: Targets.
+TARGET_VS_CEILING = 0.9
+TARGET_VS_CLAM_GPU = 2.0
+TARGET_RSS_GROWTH = 1.10
+#: Above this share of the CPUs taken by other processes during a step, a warning is printed.
+NOISY_SHARE = 0.05
+
+#: (b''): glibc's mmap threshold fixed above the largest activation, so large tensors are
+#: reused from the heap instead of being mapped and page-faulted afresh on every forward pass.
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20)}
+
+#: The backbones measured: (name, pretrained).
+BACKBONES = (("efficientnet_lite0", True), ("resnet50_trunc", False))
+
+#: CLAM's ``four_pt`` test: the four points centre ± patch * CENTER_SHIFT / 2.
+CENTER_SHIFT = 0.5
+#: CLAM segments at the level nearest this downsample.
+CLAM_SEG_DOWNSAMPLE = 64
+#: CLAM's DataLoader workers with CUDA (none without).
+CLAM_CUDA_WORKERS = 8
+
+RESULT_MARK = "EXTRACT-BENCH-RESULT "
+T = TypeVar("T")
+WARMUP_ID = "CMU-1-Small-Region"
+
+
+# -- the slidepipe run, in a fresh process ----------------------------------------------------
+def peak_rss(pid: int | str = "self") -> int:
+    """The process's peak RSS since its last exec, in bytes (``VmHWM`` in /proc). Not
+    ``getrusage``: its ``ru_maxrss`` keeps the parent's high-water mark across fork and exec,
+    so a process started by a large one reports the parent's peak."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Polls this process's descendants: the last ``VmHWM`` seen of each (it only grows) and
+    the peak of the tree's summed RSS."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.peaks: dict[int, int] = {}
+        self.tree = 0
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop_event.is_set():
+            try:
+                total = me.memory_info().rss
+                for child in me.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0),
+                                                peak_rss(child.pid))
+                self.tree = max(self.tree, total)
+            except psutil.Error:
+                pass
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+
+
+def slidepipe_config(backbone: str, pretrained: bool) -> SlidepipeConfig:
+    """The default configuration with only the backbone chosen."""
+    return load_config(None, {"backbone": {"name": backbone, "pretrained": pretrained}})
+
+
+def child_main(spec: dict[str, Any]) -> int:
+    """In a fresh process: run (b) or one extraction; print the figures as one JSON line."""
+    if spec["mode"] == "ceiling":
+        torch.set_num_threads(spec["threads"])
+        config = slidepipe_config(spec["backbone"], spec["pretrained"])
+        patches = decoded_patches(Path(spec["slide"]), Path(spec["grid"]), spec["patches"])
+        print(RESULT_MARK + json.dumps({"seconds": ceiling_seconds(config, patches)}),
+              flush=True)
+        return 0
+    config = slidepipe_config(spec["backbone"], spec["pretrained"])
+    entries = [SlideEntry(path=Path(path), slide_id=slide_id) for path, slide_id in
+               spec["entries"]]
+    marks: list[tuple[float, str, int]] = []
+
+    def progress(slide_id: str, done: int, total: int) -> None:
+        marks.append((time.time(), slide_id, done))
+
+    sampler = TreeSampler()
+    sampler.start()
+    start = time.time()
+    results = extract_archive(entries, config, Path(spec["out"]), on_progress=progress)
+    end = time.time()
+    sampler.stop()
+    own = peak_rss()
+    report = {
+        "start": start, "end": end, "marks": marks,
+        "results": [{"slide_id": r.slide_id, "status": r.status, "patches": r.patches,
+                     "error": r.error} for r in results],
+        "client_peak": own, "worker_peak": max(sampler.peaks.values(), default=0),
+        "polled_tree": sampler.tree,
+    }
+    print(RESULT_MARK + json.dumps(report), flush=True)
+    return 0
+
+
+@dataclass
+class SlideRun:
+    """One (a) run: what it processed, when its chunks landed, and its memory peaks."""
+
+    label: str
+    backbone: str
+    slides: list[tuple[str, int]]
+    launched: float
+    start: float
+    end: float
+    chunks: list[tuple[float, int]]
+    client_peak: int
+    worker_peak: int
+    polled_tree: int
+
+    @property
+    def patches(self) -> int:
+        return sum(count for _, count in self.slides)
+
+    @property
+    def wall(self) -> float:
+        """Seconds inside ``extract_archive``."""
+        return self.end - self.start
+
+    @property
+    def all_in(self) -> float:
+        """Patches/s over everything inside ``extract_archive``."""
+        return self.patches / self.wall
+
+    @property
+    def steady(self) -> float:
+        """Patches/s of the chunks that landed after the first one."""
+        first_time, first_count = self.chunks[0]
+        return (self.patches - first_count) / (self.chunks[-1][0] - first_time)
+
+    @property
+    def startup(self) -> float:
+        """Time to the first chunk minus that chunk's patches at the steady rate."""
+        first_time, first_count = self.chunks[0]
+        return first_time - self.start - first_count / self.steady
+
+    @property
+    def tail(self) -> float:
+        """From the last chunk landing to the return (finalise, export, cluster shutdown)."""
+        return self.end - self.chunks[-1][0]
+
+    @property
+    def imports(self) -> float:
+        """From launching the process to calling ``extract_archive`` (interpreter, imports)."""
+        return self.start - self.launched
+
+
+def run_child(label: str, spec: dict[str, Any], env: dict[str, str] | None = None
+              ) -> tuple[float, dict[str, Any]]:
+    """(launch time, JSON report) of this script run with ``--child spec``."""
+    launched = time.time()
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                           json.dumps(spec)], capture_output=True, text=True, check=False,
+                          env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{label}: the benchmark process failed ({done.returncode}):\n"
+                         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return launched, json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def run_slidepipe(label: str, backbone: str, pretrained: bool,
+                  slides: list[tuple[Path, str, int]], work: Path, templates: Path) -> SlideRun:
+    """(a): extract ``slides`` ((path, slide_id, patches)) in a fresh process, their grids
+    copied from ``templates``."""
+    out = work / label
+    out.mkdir(parents=True)
+    for _, slide_id, _ in slides:
+        shutil.copytree(templates / slide_id, out / slide_id)
+    spec = {"mode": "extract", "backbone": backbone, "pretrained": pretrained,
+            "out": str(out), "entries": [[str(path), slide_id] for path, slide_id, _ in slides]}
+    launched, report = run_child(label, spec)
+    failed = [r for r in report["results"] if r["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"{label}: slides not extracted: {failed}")
+    shutil.rmtree(out)
+    chunks: list[tuple[float, int]] = []
+    done_by_slide: dict[str, int] = {}
+    for when, slide_id, done_patches in sorted(report["marks"]):
+        chunks.append((when, done_patches - done_by_slide.get(slide_id, 0)))
+        done_by_slide[slide_id] = done_patches
+    counted = {r["slide_id"]: r["patches"] for r in report["results"]}
+    assert done_by_slide == counted, (done_by_slide, counted)
+    return SlideRun(label, backbone, [(slide_id, count) for _, slide_id, count in slides],
+                    launched, report["start"], report["end"], chunks, report["client_peak"],
+                    report["worker_peak"], report["polled_tree"])
+
+
+# -- (b) the ceiling ---------------------------------------------------------------------------
+def ceiling_seconds(config: SlidepipeConfig, patches: np.ndarray) -> float:
+    """Seconds for the configured Embedder over ``patches`` in batches, after a warm-up."""
+    embedder = Embedder(load_backbone(config.backbone))
+    batch = config.backbone.batch_size
+    embedder(patches[:batch])
+    start = time.perf_counter()
+    for first in range(0, len(patches), batch):
+        embedder(patches[first:first + batch])
+    return time.perf_counter() - start
+
+
+# -- (c) CLAM's extractor, re-implemented -----------------------------------------------------
+def four_pt(contour: np.ndarray, holes: list[np.ndarray], x: int, y: int, patch: int) -> bool:
+    """CLAM's ``four_pt`` contour test with its hole check for the patch at (x, y)."""
+    half = patch // 2
+    shift = int(half * CENTER_SHIFT)
+    cx, cy = x + half, y + half
+    points = ((cx - shift, cy - shift), (cx + shift, cy + shift), (cx + shift, cy - shift),
+              (cx - shift, cy + shift))
+    if not any(cv2.pointPolygonTest(contour, (float(px), float(py)), False) >= 0
+               for px, py in points):
+        return False
+    return not any(cv2.pointPolygonTest(hole, (float(cx), float(cy)), False) > 0
+                   for hole in holes)
+
+
+def clam_coords(path: Path, patch: int) -> np.ndarray:
+    """Level-0 patch corners made CLAM's way: segmentation at the level nearest 64x, then per
+    contour a ``patch`` step from its bounding-box corner (off the tile grid), x-major."""
+    from tiling import clam_segment  # the project's re-implementation of CLAM's segmentation
+
+    with openslide.OpenSlide(str(path)) as slide:
+        level = slide.get_best_level_for_downsample(CLAM_SEG_DOWNSAMPLE)
+        size = slide.level_dimensions[level]
+        rgb = np.asarray(slide.read_region((0, 0), level, size).convert("RGB"))
+        downsample = slide.level_downsamples[level]
+    contours = clam_segment(rgb, downsample, a_t=1).contours
+    kept: list[tuple[int, int]] = []
+    for contour, holes in zip(contours.tissue, contours.holes, strict=True):
+        x, y, width, height = cv2.boundingRect(contour)
+        for px in range(x, x + width, patch):
+            for py in range(y, y + height, patch):
+                if four_pt(contour, holes, px, py, patch):
+                    kept.append((px, py))
+    return np.asarray(kept, dtype=np.int64).reshape(-1, 2)
+
+
+class WholeSlideBagFP(Dataset[dict[str, Any]]):
+    """CLAM's ``Whole_Slide_Bag_FP``: one coordinate read from the HDF5 file per item, then
+    ``read_region(...).convert("RGB")`` and the transforms. The file and the slide are opened on
+    first use in each process (CLAM opens them before forking its loader workers)."""
+
+    def __init__(self, coords_file: Path, slide_path: Path,
+                 transform: transforms.Compose) -> None:
+        self.coords_file, self.slide_path, self.transform = coords_file, slide_path, transform
+        with h5py.File(coords_file, "r") as handle:
+            self.length = len(handle["coords"])
+            self.level = int(handle["coords"].attrs["patch_level"])
+            self.size = int(handle["coords"].attrs["patch_size"])
+        self._handle: h5py.File | None = None
+        self._slide: openslide.OpenSlide | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._handle is None or self._slide is None:
+            self._handle = h5py.File(self.coords_file, "r")
+            self._slide = openslide.OpenSlide(str(self.slide_path))
+        coord = self._handle["coords"][index]
+        image = self._slide.read_region((int(coord[0]), int(coord[1])), self.level,
+                                        (self.size, self.size)).convert("RGB")
+        return {"img": self.transform(image), "coord": coord}
+
+
+def append_hdf5(path: Path, arrays: dict[str, np.ndarray], first: bool) -> None:
+    """CLAM's ``save_hdf5``: create resizable datasets on the first batch, append after."""
+    with h5py.File(path, "w" if first else "a") as handle:
+        for name, value in arrays.items():
+            if first:
+                handle.create_dataset(name, data=value, maxshape=(None, *value.shape[1:]),
+                                      chunks=(1, *value.shape[1:]))
+            else:
+                dataset = handle[name]
+                dataset.resize(len(dataset) + len(value), axis=0)
+                dataset[-len(value):] = value
+
+
+def clam_seconds(config: SlidepipeConfig, slide_path: Path, coords: np.ndarray, level: int,
+                 patch: int, work: Path) -> float:
+    """Seconds for CLAM's DataLoader loop over ``coords`` (model built beforehand)."""
+    coords_file, features_file = work / "clam_coords.h5", work / "clam_features.h5"
+    with h5py.File(coords_file, "w") as handle:
+        dataset = handle.create_dataset("coords", data=coords)
+        dataset.attrs["patch_level"] = level
+        dataset.attrs["patch_size"] = patch
+    backbone = load_backbone(config.backbone.model_copy(update={"channels_last": False,
+                                                                "precision": "fp32"}))
+    spec, device = backbone.spec, backbone.device
+    transform = transforms.Compose([transforms.Resize(spec.input_size), transforms.ToTensor(),
+                                    transforms.Normalize(spec.mean, spec.std)])
+    cuda = device.type == "cuda"
+    loader = DataLoader(WholeSlideBagFP(coords_file, slide_path, transform),
+                        batch_size=config.backbone.batch_size,
+                        num_workers=CLAM_CUDA_WORKERS if cuda else 0, pin_memory=cuda)
+    model = backbone.model
+    with torch.inference_mode():  # warm-up, as (b) gets
+        model(torch.zeros(8, 3, spec.input_size, spec.input_size, device=device))
+    start = time.perf_counter()
+    first = True
+    for data in loader:
+        with torch.inference_mode():
+            batch = data["img"].to(device, non_blocking=True)
+            features = model(batch).cpu().numpy().astype(np.float32)
+        append_hdf5(features_file, {"features": features,
+                                    "coords": data["coord"].numpy().astype(np.int32)}, first)
+        first = False
+    seconds = time.perf_counter() - start
+    with h5py.File(features_file, "r") as handle:
+        assert handle["features"].shape == (len(coords), spec.feature_dim)
+    return seconds
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+@dataclass
+class BenchSlide:
+    """A slide of the benchmark, tiled into the templates folder."""
+
+    path: Path
+    slide_id: str
+    patches: int
+    tiling_seconds: float
+
+
+def tile_template(path: Path, slide_id: str, templates: Path) -> BenchSlide:
+    """Tile ``path`` with the default settings into ``templates/<slide_id>``."""
+    result = tile_slide(SlideEntry(path=path, slide_id=slide_id), load_config(None), templates)
+    if result.status != "ok":
+        raise SystemExit(f"{path}: tiling failed: {result.status} {result.error}")
+    return BenchSlide(path, slide_id, result.patches, result.seconds)
+
+
+def decoded_patches(path: Path, grid_folder: Path, count: int) -> np.ndarray:
+    """The first ``count`` patches of the grid, decoded (repeated if it has fewer)."""
+    grid = wsi.load_grid(grid_folder)
+    coords = np.resize(grid.coords, (count, 2))
+    with wsi.open_slide(path) as opened, wsi.PatchReader(opened, grid.spec) as reader:
+        return reader.read_batch(coords)
+
+
+def shown(value: float, spec: str) -> str:
+    """``value`` formatted, or a dash when it was not measured (NaN)."""
+    return "–" if math.isnan(value) else format(value, spec)
+
+
+def mib(size: int) -> str:
+    """Bytes as MiB."""
+    return f"{size / 2**20:.0f} MiB"
+
+
+def loadavg() -> str:
+    """The 1-minute load average (other work on the machine shows here)."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def linked_copy(slide: BenchSlide, slide_id: str, work: Path, templates: Path) -> BenchSlide:
+    """The same slide under another name (a hard link, a copy where links fail) and its grid:
+    a second slide of an archive."""
+    path = work / f"{slide_id}{slide.path.suffix}"
+    try:
+        os.link(slide.path, path)
+    except OSError:
+        shutil.copyfile(slide.path, path)
+    shutil.copytree(templates / slide.slide_id, templates / slide_id)
+    return BenchSlide(path, slide_id, slide.patches, slide.tiling_seconds)
+
+
+@dataclass
+class BackboneResult:
+    """(a), (b) and (c) of one backbone."""
+
+    name: str
+    run: SlideRun
+    ceiling: list[tuple[float, float]]
+    """(seconds, others' CPU share) of (b) measured before and after (a) (before only with
+    ``--quick``)."""
+    ceiling_worker_env: float | None
+    """Seconds of (b') (None with ``--quick``), scaled to ``patches``."""
+    ceiling_tuned: float | None
+    """Seconds of (b'') (None with ``--quick``), scaled to ``patches``."""
+    clam: float
+    patches: int
+
+    @property
+    def b(self) -> float:
+        """The mean of the rates before and after (a), leaving out one measured while other
+        processes took more than ``NOISY_SHARE`` of the CPUs if the other one was clean."""
+        clean = [seconds for seconds, share in self.ceiling if share <= NOISY_SHARE]
+        kept = clean or [seconds for seconds, _ in self.ceiling]
+        return sum(self.patches / seconds for seconds in kept) / len(kept)
+
+    @property
+    def b_env(self) -> float:
+        """(b') patches/s; NaN when not measured."""
+        if self.ceiling_worker_env is None:
+            return float("nan")
+        return self.patches / self.ceiling_worker_env
+
+    @property
+    def b_tuned(self) -> float:
+        """(b'') patches/s; NaN when not measured."""
+        if self.ceiling_tuned is None:
+            return float("nan")
+        return self.patches / self.ceiling_tuned
+
+    @property
+    def c(self) -> float:
+        return self.patches / self.clam
+
+
+def dask_worker_environ() -> dict[str, str]:
+    """The variables a Dask nanny sets in the worker processes it starts."""
+    return {name: str(value) for name, value in
+            dask.config.get("distributed.nanny.pre-spawn-environ").items()}
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (any process), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _, _, irq, softirq, steal = (
+            int(v) for v in stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped descendants."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class Steps:
+    """Times each step and how much of the machine other processes took meanwhile (the
+    machine's busy CPU time minus this benchmark's, as a share of all cores)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, float]] = []
+
+    def run(self, label: str, function: Callable[[], T]) -> T:
+        print(f"{label}… (load {os.getloadavg()[0]:.2f})", flush=True)
+        wall, busy, own = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
+        result = function()
+        wall = time.perf_counter() - wall
+        others = (cpu_busy_seconds() - busy) - (own_cpu_seconds() - own)
+        self.records.append((label, wall, max(0.0, others) / (wall * (os.cpu_count() or 1))))
+        return result
+
+    @property
+    def last_share(self) -> float:
+        """The others' share during the latest step."""
+        return self.records[-1][2]
+
+    @property
+    def noisy(self) -> list[str]:
+        """The steps during which others took more than ``NOISY_SHARE`` of the CPUs."""
+        return [f"{label} ({share:.0%})" for label, _, share in self.records
+                if share > NOISY_SHARE]
+
+
+def measure_backbone(name: str, pretrained: bool, small: BenchSlide, templates: Path,
+                     work: Path, patches: int, threads: int, steps: Steps, quick: bool
+                     ) -> tuple[Callable[[], float], float | None, float | None, float]:
+    """(a function measuring (b)'s seconds, seconds of (b') and (b'') (None with ``quick``),
+    seconds of (c)), over ``patches`` patches of ``small`` (half as many for the last three,
+    scaled up)."""
+    config = slidepipe_config(name, pretrained)
+    spec = {"mode": "ceiling", "backbone": name, "pretrained": pretrained,
+            "slide": str(small.path), "grid": str(templates / small.slide_id),
+            "patches": patches, "threads": threads}
+
+    def ceiling() -> float:
+        return float(run_child(f"{name} ceiling", spec)[1]["seconds"])
+
+    fewer = max(config.backbone.batch_size, patches // 2)
+
+    def variant(label: str, environ: dict[str, str]) -> float | None:
+        if quick:
+            return None
+        seconds = steps.run(f"{name}: {label}, {fewer} patches", lambda: float(run_child(
+            f"{name} {label}", {**spec, "patches": fewer}, {**os.environ, **environ}
+        )[1]["seconds"]))
+        return seconds * patches / fewer
+
+    worker_env = variant("(b') ceiling with the Dask worker's environment",
+                         dask_worker_environ())
+    tuned = variant("(b'') ceiling with it and a fixed mmap threshold",
+                    {**dask_worker_environ(), **MALLOC_TUNED})
+    grid = wsi.load_grid(templates / small.slide_id)
+    coords = np.resize(clam_coords(small.path, grid.spec.read_size), (fewer, 2))
+    clam = steps.run(f"{name}: (c) CLAM-style DataLoader, {fewer} patches",
+                     lambda: clam_seconds(config, small.path, coords, grid.spec.level,
+                                          grid.spec.read_size, work))
+    return ceiling, worker_env, tuned, clam * patches / fewer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return 0 (targets are reported, not enforced)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3072² and 6144² slides, 64 patches for (b) and (c), "
+                             "efficientnet_lite0 only, (b) once, no (b')")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+
+    quick = args.quick
+    small_side, large_side = (3072, 6144) if quick else (10240, 20480)
+    samples = {"efficientnet_lite0": 64} if quick else {"efficientnet_lite0": 512,
+                                                        "resnet50_trunc": 256}
+    cluster = ClusterConfig()
+    workers = default_workers(cluster)
+    threads = default_torch_threads(cluster, workers)
+    torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    print(f"slidepipe extract benchmark — {machine()}, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}; "
+          f"LocalCluster of {workers} worker(s), {threads} torch thread(s); load {loadavg()}")
+    started = time.perf_counter()
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="extract-bench-", dir=DATA_DIR))
+    try:
+        templates = work / "grids"
+        warm = tile_template(real_svs(), WARMUP_ID, templates)
+        small = tile_template(resection_svs_of_side(small_side), f"resection-{small_side}",
+                              templates)
+        large = tile_template(resection_svs_of_side(large_side), f"resection-{large_side}",
+                              templates)
+        print("\nslides (default grid: 0.5 µm/px, 256 px; tiled beforehand, not in (a))")
+        print_table(["slide", "patches", "tiling"],
+                    [[s.slide_id, s.patches, f"{s.tiling_seconds:.1f} s"]
+                     for s in (warm, small, large)])
+        print()
+
+        def extract(label: str, name: str, pretrained: bool, *slides: BenchSlide) -> SlideRun:
+            ids = ", ".join(s.slide_id for s in slides)
+            return steps.run(f"{name}: (a) slidepipe on {ids}", lambda: run_slidepipe(
+                label, name, pretrained, [(s.path, s.slide_id, s.patches) for s in slides],
+                work, templates))
+
+        steps = Steps()
+        results: list[BackboneResult] = []
+        rss_runs: list[tuple[BenchSlide, SlideRun]] = []
+        for name, pretrained in BACKBONES:
+            if name not in samples:
+                continue
+            ceiling, in_worker_env, tuned, clam = measure_backbone(
+                name, pretrained, small, templates, work, samples[name], threads, steps, quick)
+            bracket = [(steps.run(f"{name}: (b) ceiling, {samples[name]} patches (before a)",
+                                  ceiling), steps.last_share)]
+            if name == "efficientnet_lite0":
+                rss_runs.append((small, extract(f"{name} small", name, pretrained, warm,
+                                                small)))
+                run = extract(f"{name} large", name, pretrained, warm, large)
+                rss_runs.append((large, run))
+            else:
+                copy = linked_copy(small, f"{small.slide_id}-copy", work, templates)
+                run = extract(f"{name} 3 slides", name, pretrained, warm, small, copy)
+            if not quick:
+                bracket.append((steps.run(f"{name}: (b) ceiling, {samples[name]} patches "
+                                          "(after a)", ceiling), steps.last_share))
+            results.append(BackboneResult(name, run, bracket, in_worker_env, tuned, clam,
+                                          samples[name]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, rss_runs, warm, cuda, steps)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load {loadavg()}")
+    return 0
+
+
+def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, SlideRun]],
+           warm: BenchSlide, cuda: bool, steps: Steps) -> None:
+    """Print the tables and the verdicts."""
+    print("\nsteps: wall time, and the share of all cores that other processes (or the "
+          "hypervisor's steal) took meanwhile")
+    print_table(["step", "wall", "others"], [[label, f"{wall:.1f} s", f"{share:.0%}"]
+                                             for label, wall, share in steps.records])
+    runs = [rss_runs[0][1], *(r.run for r in results)]
+    print(f"\n(a) slidepipe runs: a fresh process each, {warm.slide_id} ({warm.patches} "
+          "patches) first, default config; seconds inside extract_archive unless noted")
+    print_table(["run", "patches", "process + imports (not in a)", "extract_archive",
+                 "all-in", "start-up", "steady", "tail"],
+                [[r.label, r.patches, f"{r.imports:.1f} s", f"{r.wall:.1f} s",
+                  f"{r.all_in:.1f}/s", f"{r.startup:.1f} s", f"{r.steady:.1f}/s",
+                  f"{r.tail:.1f} s"] for r in runs])
+    print("start-up: to the first chunk (the warm-up slide) minus its patches at the steady "
+          "rate; tail: last chunk to return (finalise, export, cluster shutdown)")
+
+    print("\npatches/s per backbone: (a) slidepipe all-in [steady], (b) backbone alone on "
+          "decoded uint8 batches (fresh process; b': with the Dask worker's environment "
+          f"{' '.join(f'{k}={v}' for k, v in dask_worker_environ().items())}), "
+          "(c) CLAM-style DataLoader")
+    rows = []
+    for r in results:
+        a = f"{r.run.all_in:.1f} [{r.run.steady:.1f}]"
+        ab = f"{r.run.all_in / r.b:.2f} [{r.run.steady / r.b:.2f}]"
+        ac = f"{r.run.all_in / r.c:.2f}"
+        bracket = ", ".join(f"{r.patches / seconds:.1f}"
+                            + ("*" if share > NOISY_SHARE else "")
+                            for seconds, share in r.ceiling)
+        rows.append([r.name, r.run.patches, a, r.patches, f"{r.b:.1f} ({bracket})",
+                     shown(r.b_env, ".1f"), shown(r.b_tuned, ".1f"), f"{r.c:.1f}", ab,
+                     shown(r.b_env / r.b, ".2f"), shown(r.b_tuned / r.b, ".2f"), ac,
+                     f"{r.c / r.b:.2f}"])
+    print_table(["backbone", "(a) patches", "(a) all-in [steady]", "(b) patches",
+                 "(b) ceiling (before, after a)", "(b')", "(b'')", "(c) CLAM",
+                 "a/b [steady/b]", "b'/b", "b''/b", "a/c", "c/b"], rows)
+    print(f"b'': also {' '.join(f'{k}={v}' for k, v in MALLOC_TUNED.items())}, so glibc keeps "
+          "freed activations on its heap instead of unmapping them (information only)")
+    for r in results:
+        if math.isnan(r.b_env):
+            continue
+        print(f"{r.name}: a/b {r.run.all_in / r.b:.2f} = worker environment (b'/b) "
+              f"{r.b_env / r.b:.2f} x pipeline in the worker (steady/b') "
+              f"{r.run.steady / r.b_env:.2f} x start-up and tail (all-in/steady) "
+              f"{r.run.all_in / r.run.steady:.2f}")
+
+    print("\npeak RSS of the (a) processes (VmHWM; tree: polled peak of the summed RSS)")
+    print_table(["run", "slide", "patches", "client (+ scheduler, nanny)", "worker", "tree"],
+                [[run.label, slide.slide_id, run.patches, mib(run.client_peak),
+                  mib(run.worker_peak), mib(run.polled_tree)] for slide, run in rss_runs])
+    print()
+    for name, _ in BACKBONES:
+        if name not in {r.name for r in results}:
+            print(f"----  a >= {TARGET_VS_CEILING:g} x b ({name}): not measured (--quick)")
+    for r in results:
+        verdict(f"a >= {TARGET_VS_CEILING:g} x b ({'GPU' if cuda else 'CPU'}, {r.name})",
+                r.run.all_in >= TARGET_VS_CEILING * r.b,
+                f"a/b = {r.run.all_in / r.b:.2f} all-in ({r.run.all_in:.1f} vs {r.b:.1f} "
+                f"patches/s, {r.run.patches} patches; steady {r.run.steady / r.b:.2f}, "
+                f"start-up {r.run.startup:.1f} s)")
+        if cuda:
+            verdict(f"a >= {TARGET_VS_CLAM_GPU:g} x c (GPU, {r.name})",
+                    r.run.all_in >= TARGET_VS_CLAM_GPU * r.c,
+                    f"a/c = {r.run.all_in / r.c:.2f} ({r.run.all_in:.1f} vs {r.c:.1f} "
+                    "patches/s)")
+    if steps.noisy:
+        print(f"WARN  other processes took over {NOISY_SHARE:.0%} of the CPUs during: "
+              f"{'; '.join(steps.noisy)}. Figures from those steps are not clean (a (b) marked "
+              "* is left out of the mean when the other one is clean)")
+    if not cuda:
+        print(f"----  GPU targets (a >= {TARGET_VS_CEILING:g} x b, a >= {TARGET_VS_CLAM_GPU:g} "
+              "x c on a GPU): not measured here (no CUDA device)")
+    (_, small_run), (_, large_run) = rss_runs
+    growth = {"client": large_run.client_peak / small_run.client_peak,
+              "worker": large_run.worker_peak / small_run.worker_peak}
+    verdict(f"peak RSS does not grow with slide size (<= {TARGET_RSS_GROWTH:g} x)",
+            all(value <= TARGET_RSS_GROWTH for value in growth.values()),
+            f"{large_run.patches} vs {small_run.patches} patches: client "
+            f"{mib(large_run.client_peak)} vs {mib(small_run.client_peak)} "
+            f"({growth['client']:.2f}x), worker {mib(large_run.worker_peak)} vs "
+            f"{mib(small_run.worker_peak)} ({growth['worker']:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
