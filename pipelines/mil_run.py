@@ -12,7 +12,6 @@ A run folder holds everything needed to reproduce and audit it::
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -43,6 +42,7 @@ from wsi.atomic import write_bytes_atomic, write_json_atomic
 from .config import ConfigError
 from .extract import backbone_tag
 from .feature_store import FeatureStoreError, open_features
+from .tile import write_csv_atomic
 
 #: Feature provenance a model must match to be applied to a store.
 PROVENANCE_KEYS = ("backbone", "weights_hash", "feature_dim", "target_mpp", "patch_size")
@@ -254,16 +254,7 @@ def train_run(config: MILRunConfig, run_dir: Path,
             "best_epoch": trained.best_epoch})
         rows += [{**r, "threshold": threshold} for r in val_rows]
         rows += _predict_rows(trained.model, test_set, fold.index, "test", threshold)
-    return _write_rows(run_dir / "predictions_oof.csv", rows)
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_bytes_atomic(path, buffer.getvalue().encode())
-    return path
+    return write_csv_atomic(run_dir / "predictions_oof.csv", rows)
 
 
 def ensemble(model_paths: list[Path]) -> list[tuple[torch.nn.Module, dict[str, Any], str]]:
@@ -316,7 +307,7 @@ def predict_slides(model_paths: list[Path], features: Path, slide_ids: list[str]
         row.update({f"prob_{name}": float(p)
                     for name, p in zip(reference["label_names"], mean_probs, strict=True)})
         rows.append(row)
-    return _write_rows(out_csv, rows)
+    return write_csv_atomic(out_csv, rows)
 
 
 def write_attention(store: Path, name: str, values: np.ndarray,

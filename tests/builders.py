@@ -278,12 +278,18 @@ def macro_image(overview: np.ndarray) -> np.ndarray:
 
 def build_large_svs(folder: Path, size: tuple[int, int] = LARGE_SVS_SIZE) -> Path:
     """A ≥40k x 40k Aperio SVS (levels 1, 4, 16, 64) of real tissue blocks on white glass."""
-    canvas = TissueCanvas(size, tissue_layout(size))
+    return _write_aperio(Path(folder) / "large.svs", TissueCanvas(size, tissue_layout(size)),
+                         size, QUALITY)
+
+
+def _write_aperio(path: Path, canvas: Callable[..., np.ndarray], size: tuple[int, int],
+                  quality: int) -> Path:
+    """An Aperio SVS of ``canvas`` at levels 1/4/16/64 with a label and a macro image."""
     overview = slide_overview(canvas, size, MACRO_DOWNSAMPLE)
     associated = {"label": synthetic_label(), "macro": macro_image(overview)}
-    return write_pyramid(Path(folder) / "large.svs", canvas, size, mpp=REAL_MPP, fmt="svs",
+    return write_pyramid(path, canvas, size, mpp=REAL_MPP, fmt="svs",
                          downsamples=LARGE_SVS_DOWNSAMPLES, tile_size=TILE_SIZE,
-                         quality=QUALITY, associated=associated)
+                         quality=quality, associated=associated)
 
 
 # -- resection-like slide ------------------------------------------------------------------------
@@ -439,12 +445,8 @@ def build_resection_svs(folder: Path, size: tuple[int, int] = LARGE_SVS_SIZE,
     tile that holds tissue is encoded (the writer only reuses uniform tiles). About 7 s at
     40960 x 40960 on one core.
     """
-    canvas = ResectionCanvas(size, resection_layout(size))
-    overview = slide_overview(canvas, size, MACRO_DOWNSAMPLE)
-    associated = {"label": synthetic_label(), "macro": macro_image(overview)}
-    return write_pyramid(Path(folder) / "resection.svs", canvas, size, mpp=REAL_MPP, fmt="svs",
-                         downsamples=LARGE_SVS_DOWNSAMPLES, tile_size=TILE_SIZE,
-                         quality=quality, associated=associated)
+    return _write_aperio(Path(folder) / "resection.svs",
+                         ResectionCanvas(size, resection_layout(size)), size, quality)
 
 
 def mosaic_canvas() -> TissueCanvas:
