@@ -129,6 +129,20 @@ def verdict(name: str, passed: bool, detail: str) -> bool:
     return passed
 
 
+def peak_rss(pid: int | str = "self") -> int:
+    """The process's peak RSS since its last exec, in bytes (``VmHWM`` in /proc). Not
+    ``getrusage``: its ``ru_maxrss`` keeps the parent's high-water mark across fork and exec,
+    so a process started by a large one reports the parent's peak."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def machine() -> str:
     """A one-line description of this machine."""
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "

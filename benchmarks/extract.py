@@ -35,13 +35,12 @@ random weights run at the same speed), three ways:
     ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with CUDA. Model
     load and patching are not timed.
 
-Two more ceilings, for information, explain the gap between (a) and (b): (b') is (b) in a
-process started with the environment a Dask nanny gives its workers
+One more ceiling, for information, splits the gap between (a) and (b): (b') is (b) in a process
+started with the environment a Dask nanny gives its workers
 (``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_=65536`` and one-thread
-OMP/MKL/OpenBLAS variables; torch's thread count is set explicitly, as the worker does), and
-(b'') is (b') with ``MALLOC_MMAP_THRESHOLD_`` fixed at 256 MiB. Setting the trim threshold turns
-off glibc's dynamic mmap threshold, so every activation larger than 128 KiB is mapped,
-page-faulted and unmapped on every forward pass.
+OMP/MKL/OpenBLAS variables; torch's thread count is set explicitly, as the worker does). Both
+(a) and (b) run the ``Embedder``, which tunes glibc's allocator for CPU inference at run time
+(``pipelines.inference.tune_cpu_allocator``, ADR 0004), so (b') should equal (b).
 
 Peak RSS: the (a) processes of a small and a 4x larger resection-like slide (each after the
 54-patch warm-up slide), as ``VmHWM`` from /proc (exact high-water marks): the client process,
@@ -54,7 +53,7 @@ Slides: ``tests.builders.build_resection_svs`` at 10240² (768 patches) and 2048
 two chunks), cached in ``benchmarks/_data/``; real tissue, Aperio JPEG Q=70. efficientnet_lite0's
 (a) is the 20480² run (3078 patches with the warm-up slide). resnet50_trunc, 2.3x slower per
 patch, runs an archive of the warm-up slide and the 10240² slide twice (the second a hard link
-under another name): 1590 patches. (b) uses 512 / 256 patches, (b'), (b'') and (c) half as
+under another name): 1590 patches. (b) uses 512 / 256 patches, (b') and (c) half as
 many.
 
 Every step also reports the share of the CPUs that other processes (or the hypervisor) took
@@ -63,7 +62,7 @@ meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is pri
 Targets: on a CPU, (a) ≥ 0.9 x (b) for both backbones; on a GPU (only when
 ``torch.cuda.is_available()``), (a) ≥ 0.9 x (b) and (a) ≥ 2 x (c); peak RSS of client and worker
 on the larger slide within 10 % of the smaller one. ``--quick``: 3072² and 6144² slides, 64
-patches, efficientnet_lite0 only, (b) once, no (b') or (b'') (about a minute).
+patches, efficientnet_lite0 only, (b) once, no (b') (about a minute).
 """
 
 from __future__ import annotations
@@ -93,6 +92,7 @@ import torch
 from _common import (
     DATA_DIR,
     machine,
+    peak_rss,
     print_table,
     real_svs,
     resection_svs_of_side,
@@ -117,10 +117,6 @@ TARGET_RSS_GROWTH = 1.10
 #: Above this share of the CPUs taken by other processes during a step, a warning is printed.
 NOISY_SHARE = 0.05
 
-#: (b''): glibc's mmap threshold fixed above the largest activation, so large tensors are
-#: reused from the heap instead of being mapped and page-faulted afresh on every forward pass.
-MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20)}
-
 #: The backbones measured: (name, pretrained).
 BACKBONES = (("efficientnet_lite0", True), ("resnet50_trunc", False))
 
@@ -137,20 +133,6 @@ WARMUP_ID = "CMU-1-Small-Region"
 
 
 # -- the slidepipe run, in a fresh process ----------------------------------------------------
-def peak_rss(pid: int | str = "self") -> int:
-    """The process's peak RSS since its last exec, in bytes (``VmHWM`` in /proc). Not
-    ``getrusage``: its ``ru_maxrss`` keeps the parent's high-water mark across fork and exec,
-    so a process started by a large one reports the parent's peak."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class TreeSampler(threading.Thread):
     """Polls this process's descendants: the last ``VmHWM`` seen of each (it only grows) and
     the peak of the tree's summed RSS."""
@@ -506,8 +488,6 @@ class BackboneResult:
     ``--quick``)."""
     ceiling_worker_env: float | None
     """Seconds of (b') (None with ``--quick``), scaled to ``patches``."""
-    ceiling_tuned: float | None
-    """Seconds of (b'') (None with ``--quick``), scaled to ``patches``."""
     clam: float
     patches: int
 
@@ -525,13 +505,6 @@ class BackboneResult:
         if self.ceiling_worker_env is None:
             return float("nan")
         return self.patches / self.ceiling_worker_env
-
-    @property
-    def b_tuned(self) -> float:
-        """(b'') patches/s; NaN when not measured."""
-        if self.ceiling_tuned is None:
-            return float("nan")
-        return self.patches / self.ceiling_tuned
 
     @property
     def c(self) -> float:
@@ -588,10 +561,9 @@ class Steps:
 
 def measure_backbone(name: str, pretrained: bool, small: BenchSlide, templates: Path,
                      work: Path, patches: int, threads: int, steps: Steps, quick: bool
-                     ) -> tuple[Callable[[], float], float | None, float | None, float]:
-    """(a function measuring (b)'s seconds, seconds of (b') and (b'') (None with ``quick``),
-    seconds of (c)), over ``patches`` patches of ``small`` (half as many for the last three,
-    scaled up)."""
+                     ) -> tuple[Callable[[], float], float | None, float]:
+    """(a function measuring (b)'s seconds, seconds of (b') (None with ``quick``), seconds of
+    (c)), over ``patches`` patches of ``small`` (half as many for the last two, scaled up)."""
     config = slidepipe_config(name, pretrained)
     spec = {"mode": "ceiling", "backbone": name, "pretrained": pretrained,
             "slide": str(small.path), "grid": str(templates / small.slide_id),
@@ -602,24 +574,18 @@ def measure_backbone(name: str, pretrained: bool, small: BenchSlide, templates: 
 
     fewer = max(config.backbone.batch_size, patches // 2)
 
-    def variant(label: str, environ: dict[str, str]) -> float | None:
-        if quick:
-            return None
-        seconds = steps.run(f"{name}: {label}, {fewer} patches", lambda: float(run_child(
-            f"{name} {label}", {**spec, "patches": fewer}, {**os.environ, **environ}
-        )[1]["seconds"]))
-        return seconds * patches / fewer
-
-    worker_env = variant("(b') ceiling with the Dask worker's environment",
-                         dask_worker_environ())
-    tuned = variant("(b'') ceiling with it and a fixed mmap threshold",
-                    {**dask_worker_environ(), **MALLOC_TUNED})
+    worker_env = None
+    if not quick:
+        label = "(b') ceiling with the Dask worker's environment"
+        worker_env = steps.run(f"{name}: {label}, {fewer} patches", lambda: float(run_child(
+            f"{name} {label}", {**spec, "patches": fewer},
+            {**os.environ, **dask_worker_environ()})[1]["seconds"])) * patches / fewer
     grid = wsi.load_grid(templates / small.slide_id)
     coords = np.resize(clam_coords(small.path, grid.spec.read_size), (fewer, 2))
     clam = steps.run(f"{name}: (c) CLAM-style DataLoader, {fewer} patches",
                      lambda: clam_seconds(config, small.path, coords, grid.spec.level,
                                           grid.spec.read_size, work))
-    return ceiling, worker_env, tuned, clam * patches / fewer
+    return ceiling, worker_env, clam * patches / fewer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -673,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, pretrained in BACKBONES:
             if name not in samples:
                 continue
-            ceiling, in_worker_env, tuned, clam = measure_backbone(
+            ceiling, in_worker_env, clam = measure_backbone(
                 name, pretrained, small, templates, work, samples[name], threads, steps, quick)
             bracket = [(steps.run(f"{name}: (b) ceiling, {samples[name]} patches (before a)",
                                   ceiling), steps.last_share)]
@@ -688,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             if not quick:
                 bracket.append((steps.run(f"{name}: (b) ceiling, {samples[name]} patches "
                                           "(after a)", ceiling), steps.last_share))
-            results.append(BackboneResult(name, run, bracket, in_worker_env, tuned, clam,
+            results.append(BackboneResult(name, run, bracket, in_worker_env, clam,
                                           samples[name]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -728,14 +694,11 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
                             + ("*" if share > NOISY_SHARE else "")
                             for seconds, share in r.ceiling)
         rows.append([r.name, r.run.patches, a, r.patches, f"{r.b:.1f} ({bracket})",
-                     shown(r.b_env, ".1f"), shown(r.b_tuned, ".1f"), f"{r.c:.1f}", ab,
-                     shown(r.b_env / r.b, ".2f"), shown(r.b_tuned / r.b, ".2f"), ac,
+                     shown(r.b_env, ".1f"), f"{r.c:.1f}", ab, shown(r.b_env / r.b, ".2f"), ac,
                      f"{r.c / r.b:.2f}"])
     print_table(["backbone", "(a) patches", "(a) all-in [steady]", "(b) patches",
-                 "(b) ceiling (before, after a)", "(b')", "(b'')", "(c) CLAM",
-                 "a/b [steady/b]", "b'/b", "b''/b", "a/c", "c/b"], rows)
-    print(f"b'': also {' '.join(f'{k}={v}' for k, v in MALLOC_TUNED.items())}, so glibc keeps "
-          "freed activations on its heap instead of unmapping them (information only)")
+                 "(b) ceiling (before, after a)", "(b')", "(c) CLAM",
+                 "a/b [steady/b]", "b'/b", "a/c", "c/b"], rows)
     for r in results:
         if math.isnan(r.b_env):
             continue

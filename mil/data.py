@@ -93,12 +93,15 @@ def collate_bags(items: Sequence[tuple[torch.Tensor, int, str]]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Pad bags to the longest: features (B, N, D), mask (B, N) (True = real instance),
     labels (B,), case ids."""
-    longest = max(len(features) for features, _, _ in items)
-    dim = items[0][0].shape[1]
-    batch = torch.zeros(len(items), longest, dim)
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for row, (features, _, _) in enumerate(items):
-        batch[row, :len(features)] = features
-        mask[row, :len(features)] = True
+    if len(items) == 1:   # nothing to pad: a view, not a copy of a possibly huge bag
+        batch = items[0][0][None]
+        mask = torch.ones(batch.shape[:2], dtype=torch.bool)
+    else:
+        longest = max(len(features) for features, _, _ in items)
+        batch = torch.zeros(len(items), longest, items[0][0].shape[1])
+        mask = torch.zeros(len(items), longest, dtype=torch.bool)
+        for row, (features, _, _) in enumerate(items):
+            batch[row, :len(features)] = features
+            mask[row, :len(features)] = True
     labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
     return batch, mask, labels, [case_id for _, _, case_id in items]

@@ -5,6 +5,14 @@ The same graph runs on either. Model workers are declared by the worker resource
 per worker process, so one process per GPU holds one model); tasks that run a backbone ask for
 one unit of it, so on an existing cluster only workers started with ``--resources MODEL=1``
 (and a GPU, where there is one) receive them.
+
+LocalCluster workers are started for CPU inference (ADR 0004): glibc gets one malloc arena
+(``MALLOC_ARENA_MAX=1``, read only at process start), because a Dask task runs in a worker
+thread and thread arenas cannot keep a batch's 100 MB activations, which are then mapped and
+page-faulted afresh on every forward pass (half the speed of the same code in a main thread);
+and Dask's statistical profiler (a 10 ms stack sampler that holds the GIL and competes with
+torch's threads) is off unless ``profile: true``. Workers of an existing cluster should be
+started with the same environment variable (see the README).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import dask
 from distributed import Client, LocalCluster
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +44,9 @@ class ClusterConfig(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: the cores per worker)")
     dashboard: str | None = Field(":0", description="dashboard address; None disables it")
+    profile: bool = Field(
+        False, description="Dask's statistical profiler in LocalCluster workers (slows CPU "
+        "inference by sampling stacks every 10 ms)")
 
 
 def _gpu_count() -> int:
@@ -57,6 +69,12 @@ def default_torch_threads(config: ClusterConfig, workers: int) -> int:
     return config.torch_threads or max(1, (cores or 1) // workers)
 
 
+def local_worker_settings(config: ClusterConfig) -> dict[str, object]:
+    """Dask settings for the LocalCluster's workers (see the module docstring)."""
+    return {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1,
+            "distributed.worker.profile.enabled": config.profile}
+
+
 @contextmanager
 def dask_client(config: ClusterConfig,
                 announce: Callable[[str], None] = log.info) -> Iterator[Client]:
@@ -71,9 +89,10 @@ def dask_client(config: ClusterConfig,
             client.close()
         return
     workers = default_workers(config)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           resources={MODEL_RESOURCE: 1},
-                           dashboard_address=config.dashboard, silence_logs=logging.ERROR)
+    with dask.config.set(local_worker_settings(config)):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               resources={MODEL_RESOURCE: 1},
+                               dashboard_address=config.dashboard, silence_logs=logging.ERROR)
     client = Client(cluster)
     announce(f"Dask LocalCluster of {workers} worker(s); dashboard "
              f"{client.dashboard_link if config.dashboard else 'off'}")

@@ -6,10 +6,18 @@ with the backbone's mean/std, NCHW in ``channels_last`` memory format when confi
 no centre crop: a patch is the whole field of view. On CUDA the host batch is staged in pinned
 memory and copied with ``non_blocking=True``; the model runs under ``torch.inference_mode()`` and
 autocast (bf16 by default on CUDA, plain fp32 on the CPU). The code path is the same on both.
+
+On the CPU the process's glibc allocator is tuned once (:func:`tune_cpu_allocator`, ADR 0004):
+activations of a batch are 10-100 MB, and glibc's defaults, or the ``MALLOC_TRIM_THRESHOLD_``
+a Dask nanny sets, would map and unmap them afresh on every forward pass.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import logging
 import warnings
 
 import numpy as np
@@ -18,6 +26,14 @@ import torch.nn.functional as F
 import torchvision
 
 from .backbones import Backbone, BackboneSpec
+
+log = logging.getLogger(__name__)
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values set on CPU inference processes: blocks
+#: under 256 MiB come from the heap, and up to 512 MiB of freed heap stays mapped for reuse.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+CPU_MMAP_THRESHOLD = 256 * 2**20
+CPU_TRIM_THRESHOLD = 512 * 2**20
 
 
 class GpuDecodeError(RuntimeError):
@@ -43,6 +59,25 @@ def to_model_input(patches: torch.Tensor, spec: BackboneSpec,
     return x.contiguous(memory_format=memory_format)
 
 
+@functools.cache
+def tune_cpu_allocator() -> bool:
+    """Keep large freed blocks on glibc's heap in this process, so CPU inference reuses its
+    activation memory instead of page-faulting fresh mappings for every batch (1.25-1.4x faster
+    with 2 threads; peak RSS about 0.4 GiB higher). Done at run time with ``mallopt``, so it works
+    in Dask workers whatever environment their nanny gave them. Returns whether it applied (only
+    with glibc); idempotent."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = (mallopt(_M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD) == 1
+               and mallopt(_M_TRIM_THRESHOLD, CPU_TRIM_THRESHOLD) == 1)
+    log.debug("glibc allocator tuned for CPU inference: %s", applied)
+    return applied
+
+
 class Embedder:
     """Features of patch batches with one backbone: ``embedder(patches) -> (B, D) float32``.
 
@@ -53,6 +88,8 @@ class Embedder:
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
         self._pinned: torch.Tensor | None = None
+        if backbone.device.type == "cpu":
+            tune_cpu_allocator()
 
     @property
     def feature_dim(self) -> int:

@@ -196,3 +196,28 @@ def test_import_features_cli_brings_clam_files_in(real_run: Path, tmp_path: Path
     bad = CliRunner().invoke(app, ["import-features", str(tmp_path / "missing.h5"), "--out",
                                    str(tmp_path), "--backbone", "x"])
     assert bad.exit_code == 2
+
+
+def test_local_workers_are_started_for_cpu_inference() -> None:
+    """LocalCluster workers get one malloc arena and no stack-sampling profiler (ADR 0004)."""
+    from pipelines.cluster import ClusterConfig, dask_client
+
+    def worker_settings() -> tuple[str | None, bool]:
+        import dask
+
+        return (os.environ.get("MALLOC_ARENA_MAX"),
+                bool(dask.config.get("distributed.worker.profile.enabled")))
+
+    with dask_client(ClusterConfig(workers=1, dashboard=None)) as client:
+        assert client.submit(worker_settings).result() == ("1", False)
+    with dask_client(ClusterConfig(workers=1, dashboard=None, profile=True)) as client:
+        assert client.submit(worker_settings).result() == ("1", True)
+
+
+def test_cpu_allocator_tuning_applies_with_glibc() -> None:
+    """The Embedder's allocator tuning takes effect wherever glibc is the C library."""
+    import platform
+
+    from pipelines.inference import tune_cpu_allocator
+
+    assert tune_cpu_allocator() is (platform.libc_ver()[0] == "glibc")

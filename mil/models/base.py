@@ -73,6 +73,8 @@ def prepare_bags(features: torch.Tensor,
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"bags {empty} have no valid instance (mask all False); drop them "
                          "before batching")
+    if bool(mask.all()):   # no padding: spare a copy of the whole batch
+        return features, mask
     return features.masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
 
