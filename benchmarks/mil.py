@@ -18,8 +18,10 @@ in the same process:
   in a bare loop. The ratio shows what slidepipe's masked, batched interface costs.
 * TransMIL: the same model with exact softmax attention (``n_landmarks`` >= the bag), the
   formulation without Nyström's approximation. Its attention matrices grow as n²; it runs only
-  where they fit in half the free memory (an estimate of 3 n × n float32 matrices per head per
-  layer, kept for the backward pass), otherwise the row shows the memory it would need.
+  where they fit in 70 % of the available memory (an estimate of 3 n × n float32 matrices per
+  head per layer, kept for the backward pass); otherwise the row shows the memory it would need.
+  Likewise a slidepipe row is skipped when its memory, extrapolated from the two rows before,
+  would not fit.
 
 Peak memory: on the CPU the process's ``VmHWM`` and the part of it above the resident size
 before the model was built (the features are shared by all bags of a run and loaded first);
@@ -54,6 +56,9 @@ VAL_INSTANCES = 256
 #: Exact attention keeps about this many n x n float32 matrices per head and layer.
 EXACT_MATRICES = 3
 RESULT_MARK = "MIL-BENCH-RESULT "
+#: A row runs only when its memory, extrapolated from the smaller sizes, fits in this
+#: share of the available memory.
+MEMORY_SHARE = 0.7
 
 
 def current_rss() -> int:
@@ -163,6 +168,16 @@ def run_child(variant: str, instances: int, bags: int) -> dict[str, Any]:
     raise SystemExit(f"{variant} at {instances} instances failed:\n{process.stderr[-3000:]}")
 
 
+def projected_growth(measured: list[tuple[int, int]], size: int) -> float:
+    """Memory growth at ``size`` instances, extrapolated from the rows measured so far (a line
+    through the last two, or through the origin and the only one)."""
+    if not measured:
+        return 0.0
+    points = [(0, 0), *measured][-2:]
+    (size_a, growth_a), (size_b, growth_b) = points
+    return growth_b + (growth_b - growth_a) / (size_b - size_a) * (size - size_b)
+
+
 def gib(size: float) -> str:
     return f"{size / 2**30:.2f} GiB"
 
@@ -194,11 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     free = psutil.virtual_memory().available
     rows = []
     for model, baseline in (("abmil", "abmil-reference"), ("transmil", "transmil-exact")):
+        measured: list[tuple[int, int]] = []
         for size in sizes:
+            projected = projected_growth(measured, size) + size * IN_DIM * 4
+            if projected > MEMORY_SHARE * psutil.virtual_memory().available:
+                rows.append([model, size, bags[size], f"skipped: needs ~{gib(projected)}",
+                             "–", "–", baseline, "–", "–", "–"])
+                continue
             print(f"{model}: {size} instances x {bags[size]} bags…", flush=True)
             ours = run_child(model, size, bags[size])
+            measured.append((size, max(0, ours["peak"] - ours["before"])))
             needed = exact_attention_bytes(size) if baseline == "transmil-exact" else 0
-            if needed > free / 2:
+            if needed > free * MEMORY_SHARE:
                 base_cells = [f"skipped: needs ~{gib(needed)}", "–", "–"]
             else:
                 print(f"{baseline}: {size} instances x {bags[size]} bags…", flush=True)
