@@ -102,3 +102,37 @@ def test_missing_features_are_a_clear_error(cohort: tuple[Path, Path, dict],
     broken.write_text(json.dumps(data))
     result = runner.invoke(app, ["train", str(broken), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and "run slidepipe extract first" in result.output
+
+
+def test_leave_one_site_out_with_subgroup_metrics(cohort: tuple[Path, Path, dict],
+                                                  tmp_path: Path) -> None:
+    """External validation: each site held out once; metrics reported per site."""
+    root, config, _ = cohort
+    data = json.loads(config.read_text())
+    rows = list(csv.DictReader(Path(data["labels"]).read_text().splitlines()))
+    for index, row in enumerate(rows):   # two positives and two negatives per site
+        row["site"] = "ABC"[(index // 2) % 3]
+    labels = tmp_path / "labels_sites.csv"
+    with open(labels, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    data.update({"labels": str(labels), "cv": {"mode": "leave_one_site_out", "seed": 0},
+                 "evaluation": {"n_bootstrap": 50, "subgroups": ["site"]}})
+    data["train"].update({"epochs": 10, "patience": 10})
+    loso = tmp_path / "loso.yaml"
+    loso.write_text(json.dumps(data))
+    run = _train(tmp_path, loso, "loso", "abmil")
+    folds = {p.stem: list(csv.DictReader(p.read_text().splitlines()))
+             for p in sorted((run / "folds").glob("*.csv"))}
+    site_of = {r["slide_id"]: r["site"] for r in rows}
+    assert len(folds) == 3
+    for fold in folds.values():
+        held_out = {site_of[r["slide_id"]] for r in fold if r["split"] == "test"}
+        trained = {site_of[r["slide_id"]] for r in fold if r["split"] != "test"}
+        assert len(held_out) == 1 and not held_out & trained
+    by_site = json.loads((run / "metrics.json").read_text())["subgroups"]["site"]
+    assert set(by_site) == {"A", "B", "C"}
+    for metrics in by_site.values():
+        assert 0.0 <= metrics["auc"]["value"] <= 1.0
+        assert metrics["auc"]["low"] <= metrics["auc"]["value"] <= metrics["auc"]["high"]
