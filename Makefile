@@ -17,12 +17,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# libturbojpeg (used by wsidicomizer to write DICOM-WSI test slides); installed when root.
+# System packages, installed with apt when root and missing: libturbojpeg (wsidicomizer writes
+# the DICOM-WSI test slides with it) and Chromium with its driver (the HTML export's browser
+# test). Without them those tests are skipped, saying why.
+APT_PACKAGES := $(if $(shell ldconfig -p | grep libturbojpeg),,libturbojpeg0) \
+                $(if $(shell command -v chromium),,chromium) \
+                $(if $(shell command -v chromedriver),,chromium-driver)
 system-deps:
-	@if ! ldconfig -p | grep -q libturbojpeg; then \
+	@if [ -n "$(strip $(APT_PACKAGES))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && apt-get install -y -qq libturbojpeg0) >/dev/null; \
-	  else echo "note: libturbojpeg is missing; DICOM-WSI tests will be skipped"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      $(strip $(APT_PACKAGES))) >/dev/null || echo "note: apt could not install $(strip $(APT_PACKAGES))"; \
+	  else echo "note: $(strip $(APT_PACKAGES)) missing; the tests that need them will be skipped"; fi; \
 	fi
 
 demo: $(STAMP)
