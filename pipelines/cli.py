@@ -30,7 +30,7 @@ from rich.table import Table
 
 import wsi
 
-from . import __version__, cli_mil
+from . import __version__, cli_gradcam, cli_heatmap, cli_mil, cli_run
 from .backbones import BackboneError
 from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal
 from .config import ConfigError, SlidepipeConfig, load_config
@@ -347,6 +347,10 @@ app.command()(cli_mil.train)
 app.command()(cli_mil.evaluate)
 app.command()(cli_mil.predict)
 app.command()(cli_mil.compare)
+app.command()(cli_heatmap.heatmap)
+app.command()(cli_gradcam.gradcam)
+app.command()(cli_run.run)
+app.command()(cli_run.status)
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """Feature extraction over an archive as one Dask graph.
 
-Per slide: the grid (made by the tiling stage when missing or made with other settings) is cut
-into chunks of ``chunk_rows`` patches, one zarr chunk each; a task per chunk reads, embeds and
-writes it (:mod:`pipelines.extract_worker`). All chunks of all slides are submitted together,
-so the model workers never idle between slides. The client finalises a slide's store (verifies
-every chunk, then marks it complete) as soon as its last chunk lands, then exports it for CLAM /
-TRIDENT users. A slide that fails is recorded and the others go on.
+Per slide, on the workers (:mod:`pipelines.extract_worker`): a task tiles the slide when its
+grid is missing or was made with other settings and opens (or resumes) its feature store; then
+one task per chunk of ``chunk_rows`` patches (one zarr chunk each) reads, embeds and writes it
+on a model worker; then a task verifies the store, marks it complete and exports it for CLAM /
+TRIDENT users. :class:`SlideExtraction` is that chain for one slide, run by the engine of
+:mod:`pipelines.run.flow` together with every other slide's, so the model workers never idle
+between slides. ``slidepipe extract`` (:func:`extract_archive`) and ``slidepipe run`` share it.
+A slide that fails is recorded and the others go on.
 
 Stores are keyed by the slide's content hash and every setting that changes its features;
 complete stores with the same key are skipped, incomplete ones resume where they stopped.
@@ -13,34 +15,53 @@ complete stores with the same key are skipped, incomplete ones resume where they
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distributed import as_completed
-
-import wsi
 from wsi.grid_store import PROVENANCE_NAME
 
-from . import __version__
-from .backbones import Backbone, load_backbone
-from .cluster import MODEL_RESOURCE, dask_client, default_torch_threads, default_workers
+from .backbones import load_backbone
+from .cluster import dask_client, default_torch_threads, default_workers
 from .config import SlidepipeConfig
 from .discovery import SlideEntry
-from .extract_worker import ChunkJob, ChunkResult, run_chunk
-from .feature_store import FeatureStoreWriter, export_hdf5, export_pt, open_features, store_status
-from .tile import TileResult, grid_folder_is_current, tile_slide
+from .extract_worker import (
+    BackboneIdentity,
+    ChunkResult,
+    FinalizeJob,
+    PreparedSlide,
+    PrepareJob,
+    backbone_tag,
+    export_paths,
+    features_key,
+    finalize_slide,
+    prepare_slide,
+    run_chunk,
+    store_path,
+)
+from .feature_store import open_features, store_status
+from .run.flow import (
+    EMBEDDING,
+    FINISHING,
+    STARTING,
+    ArchiveFlow,
+    Failure,
+    Next,
+    SlideWork,
+    StageOutcome,
+    Step,
+    Task,
+)
+from .tile import grid_folder_is_current
 
 log = logging.getLogger(__name__)
 
-FEATURES_SCHEMA = "slidepipe.features/1"
+__all__ = ["ExtractResult", "ExtractionSetup", "SlideExtraction", "backbone_tag",
+           "extract_archive", "features_key"]
 
 
 @dataclass
@@ -57,107 +78,179 @@ class ExtractResult:
     error: str = ""
 
 
-@dataclass
-class _SlidePlan:
-    entry: SlideEntry
-    result: ExtractResult
-    store: Path
-    key: str = ""
-    pending: set[int] = field(default_factory=set)
-    started: float = field(default_factory=time.perf_counter)
+@dataclass(frozen=True)
+class ExtractionSetup:
+    """What every slide of an extraction shares: the configuration, the output folder (slides
+    go to ``out/<slide_id>/``), µm/px overrides, and the backbone's identity."""
+
+    config: SlidepipeConfig
+    out: Path
+    mpp_overrides: dict[str, float] | None
+    backbone: BackboneIdentity
+    torch_threads: int
+
+    @classmethod
+    def create(cls, config: SlidepipeConfig, out: Path,
+               mpp_overrides: dict[str, float] | None = None) -> ExtractionSetup:
+        """Load the backbone once, on the CPU, for its identity (feature size, weights hash);
+        the workers load their own. Raises ``BackboneError`` when it cannot be loaded."""
+        backbone = load_backbone(config.backbone.model_copy(update={"device": "cpu",
+                                                                    "compile": False}))
+        torch_threads = default_torch_threads(config.cluster, default_workers(config.cluster))
+        return cls(config=config, out=Path(out), mpp_overrides=mpp_overrides,
+                   backbone=BackboneIdentity.of(backbone), torch_threads=torch_threads)
+
+    def store(self, slide_id: str) -> Path:
+        """The feature store of ``slide_id``."""
+        return store_path(self.out, slide_id, self.backbone.name)
+
+    @property
+    def exports_folder(self) -> Path:
+        """The folder of the CLAM/TRIDENT exports (``h5_files/``, ``pt_files/``)."""
+        return self.out / f"features_{backbone_tag(self.backbone.name)}"
+
+    def exports(self, slide_id: str) -> list[Path]:
+        """The CLAM/TRIDENT exports of ``slide_id`` the configuration asks for."""
+        return export_paths(self.out, slide_id, self.backbone.name, self.config)
 
 
-def backbone_tag(name: str) -> str:
-    """A file-system-safe name for a backbone (``hf-hub:org/model`` → ``hf-hub_org_model``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+def tiling_detail(prepared: PreparedSlide) -> dict[str, Any]:
+    """What the tiling stage reports about a slide."""
+    tiling = prepared.tiling
+    return {"patches": prepared.patches, "no_tissue": prepared.patches == 0,
+            "grid_reused": tiling is None, "slide_hash": prepared.slide_hash,
+            "backend": prepared.grid.get("backend"), "mpp": prepared.grid.get("mpp"),
+            "tissue_area_mm2": tiling.tissue_area_mm2 if tiling is not None else None}
 
 
-def features_key(slide_hash: str, backbone: Backbone, config: SlidepipeConfig) -> str:
-    """The identity of a slide's features: everything that changes a feature value."""
-    parts = {
-        "schema": FEATURES_SCHEMA, "slide": slide_hash, "backbone": backbone.spec.name,
-        "weights": backbone.weights_hash, "slides": config.slides.model_dump(mode="json"),
-        "tissue": config.tissue.model_dump(mode="json"),
-        "tiling": config.tiling.model_dump(mode="json"), "qc": config.qc.model_dump(mode="json"),
-        "stain": config.stain.model_dump(mode="json"), "dtype": config.extraction.dtype,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+class SlideExtraction:
+    """The client-side chain of one slide through tiling and extraction.
+
+    ``stages`` says which of ``tile`` and ``extract`` this run reports (preparing a slide for
+    extraction reuses or remakes its grid either way); ``after`` continues the chain once the
+    features are complete; ``on_chunk(chunk, patches_done, patches_total)`` follows the chunks
+    as they land.
+    """
+
+    def __init__(self, entry: SlideEntry, setup: ExtractionSetup,
+                 stages: tuple[str, ...] = ("tile", "extract"),
+                 after: Callable[[], Next] | None = None,
+                 on_chunk: Callable[[ChunkResult, int, int], None] | None = None) -> None:
+        self.entry = entry
+        self.setup = setup
+        self.stages = stages
+        self.after = after
+        self.on_chunk = on_chunk
+        self.prepared: PreparedSlide | None = None
+        self._patches_done = 0
+
+    def start(self) -> Next:
+        """The first step: tile if needed and open the store."""
+        setup = self.setup
+        extracting = "extract" in self.stages
+        job = PrepareJob(entry=self.entry, config=setup.config, out=str(setup.out),
+                         mpp_overrides=setup.mpp_overrides,
+                         backbone=setup.backbone if extracting else None,
+                         torch_threads=setup.torch_threads)
+        stage = "tile" if "tile" in self.stages else "extract"
+        return Next(step=Step(stage, [Task(prepare_slide, job, "cpu", "tile", STARTING)],
+                              self._prepared))
+
+    def _continue_after(self, finished: list[StageOutcome]) -> Next:
+        if self.after is None:
+            return Next(finished)
+        following = self.after()
+        return Next(finished + following.finished, following.step)
+
+    def _prepared(self, results: list[Any]) -> Next:
+        prepared: PreparedSlide = results[0]
+        self.prepared = prepared
+        finished = []
+        if "tile" in self.stages:
+            finished.append(StageOutcome("tile", "done", tiling_detail(prepared)))
+        if "extract" not in self.stages:
+            return self._continue_after(finished)
+        if prepared.cached:
+            finished.append(StageOutcome("extract", "done", {
+                "patches": prepared.patches, "cached": True, "store": prepared.store,
+                "no_tissue": prepared.patches == 0}))
+            return self._continue_after(finished)
+        if prepared.chunks:
+            self._patches_done = prepared.patches - sum(len(c.coords) for c in prepared.chunks)
+            tasks = [Task(run_chunk, chunk, "model", f"chunk {chunk.chunk}", EMBEDDING)
+                     for chunk in prepared.chunks]
+            return Next(finished, Step("extract", tasks, lambda _: Next(step=self._finalize()),
+                                       on_result=self._chunk_landed))
+        return Next(finished, self._finalize())
+
+    def _chunk_landed(self, chunk: ChunkResult) -> None:
+        self._patches_done += chunk.patches
+        if self.on_chunk is not None and self.prepared is not None:
+            self.on_chunk(chunk, self._patches_done, self.prepared.patches)
+
+    def _finalize(self) -> Step:
+        assert self.prepared is not None
+        job = FinalizeJob(store=self.prepared.store, key=self.prepared.key,
+                          exports=tuple(map(str, self.setup.exports(self.entry.slide_id))))
+        return Step("extract", [Task(finalize_slide, job, "cpu", "finalise", FINISHING)],
+                    self._finalized)
+
+    def _finalized(self, results: list[Any]) -> Next:
+        patches: int = results[0]
+        assert self.prepared is not None
+        return self._continue_after([StageOutcome("extract", "done", {
+            "patches": patches, "cached": False, "store": self.prepared.store,
+            "no_tissue": patches == 0})])
 
 
-def _provenance(entry: SlideEntry, slide_hash: str, grid: wsi.TileGrid, backbone: Backbone,
-                config: SlidepipeConfig) -> dict[str, Any]:
-    return {
-        "slide_path": str(entry.path), "slide_id": entry.slide_id, "slide_hash": slide_hash,
-        "backbone": backbone.spec.name, "backbone_source": backbone.spec.source,
-        "weights_hash": backbone.weights_hash, "pretrained": config.backbone.pretrained,
-        "feature_dim": backbone.spec.feature_dim, "grid": grid.spec.as_dict(),
-        "tissue": config.tissue.model_dump(mode="json"), "slidepipe_version": __version__,
-        "config": config.resolved(), "created": datetime.now(UTC).isoformat(),
-    }
+class _ExtractEvents:
+    """Fills one :class:`ExtractResult` as the slide goes through the engine."""
+
+    def __init__(self, result: ExtractResult) -> None:
+        self.result = result
+        self.started = time.perf_counter()
+
+    def stage_started(self, stage: str) -> None:
+        """Nothing to record: the slide's clock runs from its admission."""
+
+    def stage_finished(self, outcome: StageOutcome, seconds: float) -> None:
+        result = self.result
+        result.patches = outcome.detail.get("patches", result.patches)
+        if outcome.stage != "extract":
+            return
+        result.store = outcome.detail["store"]
+        if outcome.detail["cached"]:
+            result.status = "cached"
+            return
+        result.seconds = round(time.perf_counter() - self.started, 3)
+        result.patches_per_second = round(result.patches / max(result.seconds, 1e-9), 1)
+        result.status = "no_tissue" if outcome.detail["no_tissue"] else "ok"
+
+    def stage_failed(self, stage: str, failure: Failure, seconds: float) -> None:
+        self.result.status = "failed"
+        self.result.error = failure.message
+
+    def stage_interrupted(self, stage: str) -> None:
+        self.result.status = "failed"
+        self.result.error = "stopped before it finished"
 
 
-def _ensure_grid(entry: SlideEntry, config: SlidepipeConfig, out: Path,
-                 overrides: dict[str, float] | None) -> TileResult | None:
-    """Tile the slide unless a grid made with the same settings is there; returns the tiling
-    result when it had to tile."""
-    if grid_folder_is_current(out / entry.slide_id, entry, config):
+def _already_extracted(entry: SlideEntry, setup: ExtractionSetup) -> ExtractResult | None:
+    """The result of a slide whose grid and complete store are there with the current
+    settings (and its exports), without starting a cluster; None otherwise."""
+    config = setup.config
+    folder = setup.out / entry.slide_id
+    if config.extraction.overwrite or not grid_folder_is_current(folder, entry, config,
+                                                                 setup.mpp_overrides):
         return None
-    return tile_slide(entry, config, out, overrides)
-
-
-def _plan_slide(entry: SlideEntry, config: SlidepipeConfig, out: Path, backbone: Backbone,
-                overrides: dict[str, float] | None, torch_threads: int,
-                ) -> tuple[_SlidePlan, list[ChunkJob]]:
-    result = ExtractResult(slide_id=entry.slide_id, path=str(entry.path), status="failed")
-    store = out / entry.slide_id / f"features_{backbone_tag(backbone.spec.name)}.zarr"
-    plan = _SlidePlan(entry=entry, result=result, store=store)
-    tiled = _ensure_grid(entry, config, out, overrides)
-    if tiled is not None and tiled.status == "failed":
-        result.error = tiled.error
-        return plan, []
-    grid = wsi.load_grid(out / entry.slide_id)
-    provenance = json.loads((out / entry.slide_id / PROVENANCE_NAME).read_text())
-    slide_hash = provenance["provenance"]["slide_hash"]
-    mpp = provenance["provenance"]["slide"]["mpp_x"] if provenance["provenance"]["slide"][
-        "mpp_source"] == "override" else None
-    key = plan.key = features_key(slide_hash, backbone, config)
-    result.store = str(store)
-    result.patches = len(grid)
-    status = store_status(store, key)
-    if status == "complete" and not config.extraction.overwrite:
-        result.status = "cached"
-        return plan, []
-    writer = FeatureStoreWriter.open(
-        store, key=key, coords=grid.coords, feature_dim=backbone.spec.feature_dim,
-        chunk_rows=config.extraction.chunk_rows, dtype=config.extraction.dtype,
-        attributes=_provenance(entry, slide_hash, grid, backbone, config),
-        overwrite=config.extraction.overwrite)
-    plan.pending = set(writer.pending_chunks())
-    backbone_config = config.backbone.model_dump(mode="json")
-    jobs = [ChunkJob(slide_path=str(entry.path), backend=config.slides.backend, mpp=mpp,
-                     spec=grid.spec, coords=grid.coords[writer.chunk_slice(index)],
-                     store_path=str(store), store_key=key, chunk=index, backbone=backbone_config,
-                     stain=config.stain.model_dump(mode="json"),
-                     decode_threads=config.extraction.decode_threads,
-                     torch_threads=torch_threads)
-            for index in sorted(plan.pending)]
-    return plan, jobs
-
-
-def _finish_slide(plan: _SlidePlan, out: Path, config: SlidepipeConfig, tag: str) -> None:
-    result = plan.result
-    FeatureStoreWriter.attach(plan.store, key=plan.key).finalize()
-    store = open_features(plan.store)
-    exports = out / f"features_{tag}"
-    if config.extraction.export_hdf5:
-        (exports / "h5_files").mkdir(parents=True, exist_ok=True)
-        export_hdf5(store, exports / "h5_files" / f"{plan.entry.slide_id}.h5")
-    if config.extraction.export_pt:
-        (exports / "pt_files").mkdir(parents=True, exist_ok=True)
-        export_pt(store, exports / "pt_files" / f"{plan.entry.slide_id}.pt")
-    result.seconds = round(time.perf_counter() - plan.started, 3)
-    result.patches_per_second = round(result.patches / max(result.seconds, 1e-9), 1)
-    result.status = "ok" if result.patches else "no_tissue"
+    record = json.loads((folder / PROVENANCE_NAME).read_text())["provenance"]
+    store = setup.store(entry.slide_id)
+    key = features_key(record["slide_hash"], setup.backbone, config)
+    if store_status(store, key) != "complete" or not all(
+            path.exists() for path in setup.exports(entry.slide_id)):
+        return None
+    return ExtractResult(entry.slide_id, str(entry.path), "cached",
+                         patches=len(open_features(store)), store=str(store))
 
 
 def extract_archive(entries: list[SlideEntry], config: SlidepipeConfig, out: Path,
@@ -169,64 +262,31 @@ def extract_archive(entries: list[SlideEntry], config: SlidepipeConfig, out: Pat
     ``on_progress(slide_id, patches_done, patches_total)`` is called as chunks land;
     ``announce`` receives the line naming the cluster and its dashboard.
     """
-    # loaded once here for its identity (feature size, weights hash); workers load their own
-    backbone = load_backbone(config.backbone.model_copy(update={"device": "cpu",
-                                                                "compile": False}))
-    tag = backbone_tag(backbone.spec.name)
-    torch_threads = default_torch_threads(config.cluster, default_workers(config.cluster))
-    plans: dict[str, _SlidePlan] = {}
-    jobs: list[ChunkJob] = []
+    setup = ExtractionSetup.create(config, out, overrides)
+    results: list[ExtractResult] = []
+    works: list[SlideWork] = []
     for entry in entries:
         try:
-            plan, slide_jobs = _plan_slide(entry, config, out, backbone, overrides,
-                                           torch_threads)
-        except Exception as error:  # a bad slide or store must not stop the archive
-            log.exception("%s: cannot plan extraction", entry.path)
-            plan = _SlidePlan(entry=entry, store=Path(),
-                              result=ExtractResult(entry.slide_id, str(entry.path), "failed",
-                                                   error=f"{type(error).__name__}: {error}"))
-            slide_jobs = []
-        plans[str(plan.store)] = plan
-        jobs.extend(slide_jobs)
-        if not slide_jobs and plan.result.status != "failed" and plan.result.status != "cached":
-            _finish_slide(plan, out, config, tag)
-    if jobs:
-        _run_jobs(jobs, plans, out, config, tag, on_progress, announce)
-    return [plan.result for plan in plans.values()]
-
-
-def _run_jobs(jobs: list[ChunkJob], plans: dict[str, _SlidePlan], out: Path,
-              config: SlidepipeConfig, tag: str,
-              on_progress: Callable[[str, int, int], None] | None,
-              announce: Callable[[str], None]) -> None:
-    done_patches: dict[str, int] = {key: 0 for key in plans}
-    with dask_client(config.cluster, announce) as client:
-        run_id = time.time_ns()
-        by_key = {}
-        for job in jobs:
-            future = client.submit(run_chunk, job, resources={MODEL_RESOURCE: 1}, pure=False,
-                                   key=f"extract-{run_id}-{Path(job.store_path).parent.name}"
-                                       f"-{job.chunk}")
-            by_key[future.key] = (future, job)
-        for future in as_completed([f for f, _ in by_key.values()]):
-            job = by_key[future.key][1]
-            plan = plans[job.store_path]
-            if plan.result.status == "failed" and plan.result.error:
-                continue
-            try:
-                chunk: ChunkResult = future.result()
-            except Exception as error:
-                plan.result.error = f"chunk {job.chunk}: {type(error).__name__}: {error}"
-                log.error("%s: %s", plan.entry.path, plan.result.error)
-                continue
-            plan.pending.discard(chunk.chunk)
-            done_patches[job.store_path] += chunk.patches
-            if on_progress is not None:
-                on_progress(plan.entry.slide_id, done_patches[job.store_path],
-                            plan.result.patches)
-            if not plan.pending:
-                try:
-                    _finish_slide(plan, out, config, tag)
-                except Exception as error:
-                    plan.result.error = f"{type(error).__name__}: {error}"
-                    log.exception("%s: cannot finalise the feature store", plan.entry.path)
+            cached = _already_extracted(entry, setup)
+        except (OSError, ValueError, KeyError):  # an unreadable record: extract again
+            log.warning("%s: cannot read its earlier outputs; extracting again", entry.path,
+                        exc_info=True)
+            cached = None
+        if cached is not None:
+            results.append(cached)
+            continue
+        result = ExtractResult(slide_id=entry.slide_id, path=str(entry.path), status="failed")
+        results.append(result)
+        progress = (None if on_progress is None else
+                    lambda _, done, total, slide_id=entry.slide_id: on_progress(slide_id, done,
+                                                                                total))
+        chain = SlideExtraction(entry, setup, on_chunk=progress)
+        works.append(SlideWork(entry.slide_id, chain.start, _ExtractEvents(result)))
+    if works:
+        with dask_client(config.cluster, announce) as client:
+            outcome = ArchiveFlow(client).run(works)
+        if outcome.stop_reason is not None:
+            for result in results:
+                if result.error == "stopped before it finished":
+                    result.error = f"stopped before it finished: {outcome.message}"
+    return results

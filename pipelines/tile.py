@@ -94,52 +94,82 @@ def _write_outputs(folder: Path, slide: wsi.Slide, entry: SlideEntry, tissue: Ti
     _overview(slide, grid).save(folder / "overview.png")
 
 
-def tile_slide(entry: SlideEntry, config: SlidepipeConfig, out_dir: Path,
-               mpp_overrides: dict[str, float] | None = None) -> TileResult:
-    """Tile one slide into ``out_dir/<slide_id>``; never raises for a bad slide."""
+def describe_error(error: BaseException) -> str:
+    """The one-line message a failed slide is reported with: the error itself for the expected
+    kinds (unreadable slide, I/O, bad value), prefixed with its type for anything else."""
+    if isinstance(error, wsi.SlideError | OSError | ValueError):
+        return str(error)
+    return f"unexpected {type(error).__name__}: {error}"
+
+
+def given_mpp(entry: SlideEntry, config: SlidepipeConfig,
+              mpp_overrides: dict[str, float] | None = None) -> float | None:
+    """The µm/px the user gave for this slide (manifest, overrides table, config), if any;
+    ``None`` means the slide's own metadata is used."""
+    per_slide = wsi.lookup_mpp_override(mpp_overrides, entry.path) if mpp_overrides else None
+    return entry.mpp or per_slide or config.slides.mpp
+
+
+def make_grid(entry: SlideEntry, config: SlidepipeConfig, out_dir: Path,
+              mpp_overrides: dict[str, float] | None = None) -> TileResult:
+    """Tile one slide into ``out_dir/<slide_id>``; status ``ok`` or ``no_tissue``.
+
+    Raises for a slide that cannot be tiled (see :func:`tile_slide` for the variant that
+    records the failure instead); nothing is written then.
+    """
     start = time.perf_counter()
-    result = TileResult(slide_id=entry.slide_id, path=str(entry.path), status="failed")
-    try:
-        per_slide = wsi.lookup_mpp_override(mpp_overrides, entry.path) if mpp_overrides else None
-        mpp = entry.mpp or per_slide or config.slides.mpp
-        with wsi.open_slide(entry.path, config.slides.backend, mpp=mpp) as slide:
-            result.backend = slide.backend_name
-            result.mpp = round(slide.level0_mpp, 5)
-            tissue = wsi.detect_tissue(slide, config.tissue)
-            spec = wsi.plan_grid(slide, config.tiling)
-            grid = wsi.build_grid(tissue, spec, config.tiling)
-            if config.qc.enabled and len(grid):
-                grid = _pixel_qc(slide, grid, config)
-            with atomic_directory(out_dir / entry.slide_id) as folder:
-                _write_outputs(folder, slide, entry, tissue, grid, config)
-        result.patches = len(grid)
-        result.tissue_area_mm2 = round(tissue.area_mm2, 4)
-        if tissue.is_empty or len(grid) == 0:
-            result.status = "no_tissue"
-            result.error = ("no tissue found" if tissue.is_empty else
-                            "tissue found but no patch reaches the minimum tissue fraction")
-            log.warning("%s: %s", entry.path, result.error)
-        else:
-            result.status = "ok"
-    except (wsi.SlideError, OSError, ValueError) as error:
-        result.error = str(error)
-        log.error("%s: %s", entry.path, error, exc_info=True)
-    except Exception as error:  # a broken slide must never stop the archive
-        result.error = f"unexpected {type(error).__name__}: {error}"
-        log.exception("%s: unexpected failure", entry.path)
+    result = TileResult(slide_id=entry.slide_id, path=str(entry.path), status="ok")
+    mpp = given_mpp(entry, config, mpp_overrides)
+    with wsi.open_slide(entry.path, config.slides.backend, mpp=mpp) as slide:
+        result.backend = slide.backend_name
+        result.mpp = round(slide.level0_mpp, 5)
+        tissue = wsi.detect_tissue(slide, config.tissue)
+        spec = wsi.plan_grid(slide, config.tiling)
+        grid = wsi.build_grid(tissue, spec, config.tiling)
+        if config.qc.enabled and len(grid):
+            grid = _pixel_qc(slide, grid, config)
+        with atomic_directory(out_dir / entry.slide_id) as folder:
+            _write_outputs(folder, slide, entry, tissue, grid, config)
+    result.patches = len(grid)
+    result.tissue_area_mm2 = round(tissue.area_mm2, 4)
+    if tissue.is_empty or len(grid) == 0:
+        result.status = "no_tissue"
+        result.error = ("no tissue found" if tissue.is_empty else
+                        "tissue found but no patch reaches the minimum tissue fraction")
+        log.warning("%s: %s", entry.path, result.error)
     result.seconds = round(time.perf_counter() - start, 3)
     return result
 
 
-def grid_folder_is_current(folder: Path, entry: SlideEntry, config: SlidepipeConfig) -> bool:
+def tile_slide(entry: SlideEntry, config: SlidepipeConfig, out_dir: Path,
+               mpp_overrides: dict[str, float] | None = None) -> TileResult:
+    """Tile one slide into ``out_dir/<slide_id>``; never raises for a bad slide (its result
+    has status ``failed`` and the error; the traceback goes to the log)."""
+    start = time.perf_counter()
+    try:
+        return make_grid(entry, config, out_dir, mpp_overrides)
+    except Exception as error:  # a broken slide must never stop the archive
+        log.error("%s: %s", entry.path, error, exc_info=True)
+        return TileResult(slide_id=entry.slide_id, path=str(entry.path), status="failed",
+                          error=describe_error(error),
+                          seconds=round(time.perf_counter() - start, 3))
+
+
+def grid_folder_is_current(folder: Path, entry: SlideEntry, config: SlidepipeConfig,
+                           mpp_overrides: dict[str, float] | None = None) -> bool:
     """True when ``folder`` holds a grid of this very slide (same content hash) made with the
-    same grid settings, so it can be reused instead of tiling again."""
+    same grid settings and the same user-given µm/px, so it can be reused instead of tiling
+    again."""
     try:
         record = json.loads((folder / PROVENANCE_NAME).read_text())["provenance"]
     except (OSError, KeyError, ValueError):
         return False
     made_with, wanted = record.get("config", {}), config.resolved()
     if any(made_with.get(section) != wanted[section] for section in GRID_SECTIONS):
+        return False
+    slide = record.get("slide", {})
+    override = slide.get("mpp_x") if slide.get("mpp_source") == "override" else None
+    if override != given_mpp(entry, config, mpp_overrides):
         return False
     try:
         return record.get("slide_hash") == content_hash(entry.path)
