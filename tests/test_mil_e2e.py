@@ -107,7 +107,7 @@ def test_missing_features_are_a_clear_error(cohort: tuple[Path, Path, dict],
 def test_leave_one_site_out_with_subgroup_metrics(cohort: tuple[Path, Path, dict],
                                                   tmp_path: Path) -> None:
     """External validation: each site held out once; metrics reported per site."""
-    root, config, _ = cohort
+    _, config, _ = cohort
     data = json.loads(config.read_text())
     rows = list(csv.DictReader(Path(data["labels"]).read_text().splitlines()))
     for index, row in enumerate(rows):   # two positives and two negatives per site
