@@ -7,10 +7,8 @@ slides, unwritable output). Errors print as one line; tracebacks go to the run l
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +30,7 @@ import wsi
 
 from . import __version__, cli_gradcam, cli_heatmap, cli_mil, cli_run
 from .backbones import BackboneError
-from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal
+from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal, log_to
 from .config import ConfigError, SlidepipeConfig, load_config
 from .demo import DEMO_SIZE, DEMO_SLIDES, generate_demo_cohort
 from .discovery import ManifestError, SlideEntry, discover_slides
@@ -45,23 +43,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "heatmaps.")
 
 
-@contextmanager
-def _run_log(out_dir: Path) -> Iterator[Path]:
-    """Log everything (with tracebacks) to OUT/slidepipe.log while the command runs; the
-    console stays one line per problem."""
-    log_path = out_dir / "slidepipe.log"
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    previous_level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield log_path
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-        handler.close()
+def _run_log(out_dir: Path) -> AbstractContextManager[Path]:
+    """The run log of every slidepipe command: OUT/slidepipe.log."""
+    return log_to(out_dir / "slidepipe.log")
 
 
 def _progress() -> Progress:

@@ -15,7 +15,7 @@ import typer
 import wsi
 
 from .backbones import Backbone, BackboneError
-from .cli_common import EXIT_SLIDES_FAILED, console, fatal
+from .cli_common import EXIT_SLIDES_FAILED, console, fatal, log_to
 from .config import ConfigError
 from .discovery import ManifestError, discover_slides
 from .feature_store import FeatureStoreError
@@ -63,12 +63,10 @@ def gradcam(
     except (ConfigError, ManifestError, ExplanationError, ValueError, OSError, KeyError
             ) as error:
         raise fatal(error) from error
-    from .cli import _run_log  # the run log of every slidepipe command (imported when run)
-
     backbone_name = models.metadata[0]["feature_provenance"]["backbone"]
     backbones: dict[str, Backbone] = {}
     rows: list[dict[str, Any]] = []
-    with _run_log(out):
+    with log_to(out / "slidepipe.log"):
         for entry in entries:
             row = {"slide_id": entry.slide_id, "status": "failed", "folder": "", "error": ""}
             try:

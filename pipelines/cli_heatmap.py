@@ -6,16 +6,13 @@ one-line errors (0 every slide exported, 2 some slides failed, 1 fatal).
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal
+from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal, log_to
 from .discovery import ManifestError, discover_slides
 from .heatmaps import (
     SUMMARY_CSV,
@@ -27,23 +24,6 @@ from .heatmaps import (
     load_heatmap_settings,
 )
 from .heatmaps.pseudonyms import default_mapping_path
-
-
-@contextmanager
-def _log_to(path: Path) -> Iterator[None]:
-    """Log everything (with tracebacks) to ``path`` while the command runs."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-        handler.close()
 
 
 def _report(result: HeatmapResult) -> None:
@@ -103,7 +83,7 @@ def heatmap(
     # with pseudonyms the log (it names slide files) stays outside the export folder
     log_path = (default_mapping_path(out).with_name(f"{out.resolve().name}-heatmap.log")
                 if settings.pseudonymise else out / "slidepipe.log")
-    with _log_to(log_path):
+    with log_to(log_path):
         try:
             results = export_heatmaps(entries, predictions, features, out, settings,
                                       backend=backend, on_slide=_report)

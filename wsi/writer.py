@@ -134,6 +134,16 @@ class TileEncoder:
         )
 
 
+
+def _check_geometry(size: tuple[int, int], mpp: float | None, tile_size: int) -> None:
+    """Raise ValueError for a size, mpp or tile size no pyramid writer can honour."""
+    if len(size) != 2 or any(int(s) != s or s <= 0 for s in size):
+        raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive finite number or None, got {mpp!r}")
+    if tile_size <= 0 or tile_size % 16:
+        raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+
 def _is_uniform(tile: np.ndarray) -> bool:
     """Whether every pixel of a contiguous (h, w, c) tile has the same value.
 
@@ -226,12 +236,7 @@ def _validate(
     """Raise ValueError for any argument :func:`write_pyramid` cannot honour."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    if len(size) != 2 or any(int(s) != s or s <= 0 for s in size):
-        raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"mpp must be a positive finite number or None, got {mpp!r}")
-    if tile_size <= 0 or tile_size % 16:
-        raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+    _check_geometry(size, mpp, tile_size)
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be between 1 and 100, got {quality}")
     if objective_power is not None and objective_power <= 0:
@@ -535,12 +540,7 @@ def write_scalar_pyramid(
     ``downsamples`` default to powers of 4 down to a level that fits in one tile (tifffile and
     tiffslide group generic pages into one pyramid only for a constant factor).
     """
-    if len(size) != 2 or any(int(s) != s or s <= 0 for s in size):
-        raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"mpp must be a positive finite number or None, got {mpp!r}")
-    if tile_size <= 0 or tile_size % 16:
-        raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+    _check_geometry(size, mpp, tile_size)
     if not 0 <= fill <= 255 or not 0 <= deflate_level <= 9:
         raise ValueError(f"fill must be 0-255 and deflate_level 0-9, got {fill}, "
                          f"{deflate_level}")
