@@ -39,7 +39,9 @@ from pipelines.heatmaps import (
     find_store,
     read_predictions,
 )
+from pipelines.heatmaps.worklist import WORKLIST_DIR, write_heatmap_worklist
 from pipelines.mil_run import MILRunConfig, predict_slides, store_path, train_run, write_attention
+from pipelines.run.predict import risk_score
 from tests import builders
 from wsi.fingerprint import content_hash
 from wsi.writer import STAND_IN_IDENTIFIERS
@@ -267,6 +269,11 @@ def _export_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
+def _worklist(out: Path) -> list[dict[str, str]]:
+    """The rows of the HTML export's ``worklist.csv``, in rank order."""
+    return list(csv.DictReader((out / WORKLIST_DIR / "worklist.csv").read_text().splitlines()))
+
+
 def test_no_label_macro_or_identifying_metadata_in_the_export(small_svs: Path,
                                                               tmp_path: Path) -> None:
     features = tmp_path / "features"
@@ -282,9 +289,12 @@ def test_no_label_macro_or_identifying_metadata_in_the_export(small_svs: Path,
     predictions.write_text("slide_id,predicted,model_hash,attention,prob_negative,"
                            "prob_positive\nsmall,positive,abc,attention_abc,0.2,0.8\n")
     out = tmp_path / "export"
-    results = export_heatmaps(discover_slides([small_svs]), predictions, features, out,
-                              HeatmapSettings(**FAST, gallery_format="jpeg"))
+    entries, settings = discover_slides([small_svs]), HeatmapSettings(**FAST,
+                                                                       gallery_format="jpeg")
+    results = export_heatmaps(entries, predictions, features, out, settings)
     assert results[0].status == "ok", results
+    index = write_heatmap_worklist(out, entries, results, predictions, features, settings)
+    assert index == out / WORKLIST_DIR / "index.html" and index.is_file()
 
     secrets = [*STAND_IN_IDENTIFIERS.values(), str(small_svs), small_svs.name]
     with tifffile.TiffFile(small_svs) as tif:
@@ -299,7 +309,8 @@ def test_no_label_macro_or_identifying_metadata_in_the_export(small_svs: Path,
                 handle.seek(offset + count // 2)
                 snippets.append(handle.read(48))
     files = _export_files(out)
-    assert {p.suffix for p in files} >= {".png", ".jpg", ".tiff", ".geojson", ".json", ".csv"}
+    assert {p.suffix for p in files} >= {".png", ".jpg", ".tiff", ".geojson", ".json", ".csv",
+                                         ".html", ".dzi", ".js"}
     for path in files:
         data = path.read_bytes()
         assert not any(s.encode() in data for s in secrets), path
@@ -321,13 +332,20 @@ def test_pseudonymised_export_hides_names_and_keeps_the_mapping_outside(
     results = export_heatmaps(entries, lesion_run.predictions, lesion_run.features, out,
                               settings)
     assert all(r.status == "ok" for r in results)
+    write_heatmap_worklist(out, entries, results, lesion_run.predictions, lesion_run.features,
+                           settings)
     mapping_path = tmp_path / "export-pseudonyms.csv"
     mapping = {r["slide_id"]: r["pseudonym"] for r in csv.DictReader(
         mapping_path.read_text().splitlines())}
     assert set(mapping) == {e.slide_id for e in entries}
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(mapping.values())
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
+        [*mapping.values(), WORKLIST_DIR])
     assert not (out / "export-pseudonyms.csv").exists()
-    names = [e.slide_id.encode() for e in entries] + [e.path.name.encode() for e in entries]
+    assert {row["slide"] for row in _worklist(out)} == set(mapping.values())
+    pages = list((out / WORKLIST_DIR / "slides").glob("*/index.html"))
+    assert len(pages) == len(entries)
+    names = [n.encode() for e in entries for n in (
+        e.slide_id, e.path.name, str(e.path), str(e.path.absolute()), e.path.stem)]
     for path in _export_files(out):
         assert not any(n.decode() in str(path.relative_to(out)) for n in names), path
         assert not any(n in path.read_bytes() for n in names), path
@@ -381,6 +399,7 @@ def test_cli_exit_codes(lesion_run: LesionRun, tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "broken" not in result.output and "case0" not in result.output
     assert (tmp_path / "p-heatmap.log").is_file() and (tmp_path / "p-pseudonyms.csv").is_file()
+    assert (tmp_path / "p" / WORKLIST_DIR / "index.html").is_file()
     assert not any("case0" in p.name or p.name.endswith(".log")
                    for p in (tmp_path / "p").rglob("*"))
 
@@ -391,3 +410,58 @@ def test_cli_exit_codes(lesion_run: LesionRun, tmp_path: Path) -> None:
     result = runner.invoke(cli, [*slides, *common[:4], "--colormap", "jet",
                                  "--out", str(tmp_path / "d")])
     assert result.exit_code == 1 and "perceptually uniform" in result.output
+
+
+def test_cli_writes_the_html_worklist_by_risk_and_no_html_skips_it(lesion_run: LesionRun,
+                                                                    tmp_path: Path) -> None:
+    entries = discover_slides([lesion_run.labels])[:4]
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide")
+    common = ["--predictions", str(lesion_run.predictions), "--features",
+              str(lesion_run.features), "--top-k", "3", "--output-mpp", "4"]
+    out = tmp_path / "out"
+    result = runner.invoke(cli, [*(str(e.path) for e in entries), str(broken), *common,
+                                 "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    index = out / WORKLIST_DIR / "index.html"
+    assert f"HTML worklist: {index}" in result.output
+    predictions = read_predictions(lesion_run.predictions)
+    risks = {e.slide_id: risk_score(list(predictions[e.slide_id].probabilities.values()))
+             for e in entries}
+    rows = _worklist(out)  # the failed slide is only in heatmap_summary.csv
+    assert [r["slide"] for r in rows] == sorted(risks, key=lambda s: -risks[s])
+    assert len(set(risks.values())) == len(risks)  # a strict order to check
+    for rank, row in enumerate(rows, start=1):
+        prediction = predictions[row["slide"]]
+        assert int(row["rank"]) == rank and row["grade"] == prediction.predicted
+        assert float(row["risk"]) == pytest.approx(risks[row["slide"]])
+        assert float(row["probability"]) == pytest.approx(prediction.probability)
+        assert row["qc_status"] == "ok" and not row["error"]
+        page = out / WORKLIST_DIR / row["viewer"]
+        assert page.is_file() and row["slide"] in page.read_text()
+        assert (page.parent / "slide.dzi").is_file()
+        assert any((page.parent / "slide_files").rglob("*.jpg"))
+    listed = index.read_text()
+    links = [listed.index(f'href="{row["viewer"]}"') for row in rows]
+    assert links == sorted(links)
+    assert "broken" not in listed
+    summary = list(csv.DictReader((out / SUMMARY_CSV).read_text().splitlines()))
+    assert [r["status"] for r in summary] == ["ok"] * 4 + ["failed"]
+
+    plain = tmp_path / "plain"
+    result = runner.invoke(cli, [str(entries[0].path), *common, "--no-html", "--out",
+                                 str(plain)])
+    assert result.exit_code == 0, result.output
+    assert (plain / entries[0].slide_id / "summary.json").is_file()
+    assert not (plain / WORKLIST_DIR).exists() and "HTML" not in result.output
+    assert not any(p.suffix in (".html", ".dzi") for p in _export_files(plain))
+
+    # a failing HTML step (here: its folder is taken) keeps the per-slide exports
+    (plain / WORKLIST_DIR).mkdir()
+    (plain / WORKLIST_DIR / "notes.txt").write_text("mine")
+    result = runner.invoke(cli, [str(entries[0].path), *common, "--out", str(plain)])
+    assert result.exit_code == 1, result.output
+    assert "HTML export could not be written" in result.output
+    assert (plain / entries[0].slide_id / "overlay.png").is_file()
+    assert (plain / SUMMARY_CSV).is_file()
+    assert (plain / WORKLIST_DIR / "notes.txt").read_text() == "mine"

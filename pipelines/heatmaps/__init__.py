@@ -1,6 +1,8 @@
 """Heatmap exports from stored attention: overlay PNG, pyramidal TIFF, QuPath GeoJSON, top-k
 patch gallery and a JSON summary per slide, for pathologists to see why a slide was graded as
-it was. Rendering itself lives in :mod:`mil.heatmap`; nothing here re-runs a model."""
+it was. Rendering itself lives in :mod:`mil.heatmap`; nothing here re-runs a model. The HTML
+worklist of the exported slides (deep-zoom viewers) is :mod:`pipelines.heatmaps.worklist`,
+imported on its own."""
 
 from .pseudonyms import PseudonymError, Pseudonymiser
 from .run import (

@@ -3,26 +3,23 @@
 Per slide, on a worker, :func:`pipelines.heatmaps.export_slide` writes
 ``OUT/heatmaps/<slide>/`` (overlay PNG, pyramidal TIFF of the scores, QuPath GeoJSON, top-patch
 gallery, ``summary.json``) as one atomic folder. At the end of a run, the slides exported by it
-get an HTML worklist with deep-zoom viewers (:func:`pipelines.html_export.write_html_export`)
-in ``OUT/worklists/run-<id>/``: tonight's cases, highest risk first. Its heatmap layers are
-rendered at patch resolution (one raster pixel per patch step), so a view costs little memory
-however large the slide.
+get an HTML worklist with deep-zoom viewers in ``OUT/worklists/run-<id>/``: tonight's cases,
+highest risk first, made by :mod:`pipelines.heatmaps.worklist` as for ``slidepipe heatmap``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mil.heatmap import render_slide
 from wsi.grid_store import PROVENANCE_NAME
 
-from ..heatmaps import HeatmapSettings, Prediction, export_slide, load_scores
-from ..html_export import SlideView, TopPatch, write_html_export
+from ..heatmaps import HeatmapSettings, Prediction, export_slide
+from ..heatmaps.worklist import slide_view, write_views
+from ..html_export import SlideView
 
 
 @dataclass(frozen=True)
@@ -70,28 +67,17 @@ class WorklistSlide:
     qc_status: str
 
 
-def slide_view(slide: WorklistSlide, settings: HeatmapSettings) -> SlideView:
-    """The worklist's view of one slide: grade, risk and a patch-resolution heatmap."""
-    scores = load_scores(slide.store, prediction_of(slide.slide_id, slide.prediction), settings)
+def worklist_view(slide: WorklistSlide, settings: HeatmapSettings) -> SlideView:
+    """The worklist's view of one slide, its level-0 size read from its grid folder."""
     record = json.loads((slide.grid_folder / PROVENANCE_NAME).read_text())["provenance"]
-    width, height = record["slide"]["width"], record["slide"]["height"]
-    downsample = float(scores.grid.get("step_level0") or scores.footprint)
-    raster = render_slide([scores.patch_set()], math.ceil(width / downsample),
-                          math.ceil(height / downsample), downsample)
-    top = [TopPatch(x=p.x, y=p.y, size=p.size, score=p.score, rank=p.rank)
-           for p in scores.top(settings.top_k)]
-    return SlideView(slide_id=slide.slide_id, slide_path=slide.slide_path,
-                     grade=slide.prediction["predicted"], risk=slide.risk,
-                     probabilities=dict(slide.prediction["probabilities"]),
-                     qc_status=slide.qc_status, heatmap=raster,
-                     heatmap_downsample=downsample, legend=scores.normaliser.legend,
-                     top_patches=top, mpp=slide.mpp)
+    size = (record["slide"]["width"], record["slide"]["height"])
+    return slide_view(slide.slide_id, slide.slide_path,
+                      prediction_of(slide.slide_id, slide.prediction), slide.store, size,
+                      settings, risk=slide.risk, qc_status=slide.qc_status, mpp=slide.mpp)
 
 
 def write_worklist(folder: Path, slides: Sequence[WorklistSlide], settings: HeatmapSettings,
                    title: str) -> Path:
     """Write the HTML worklist of ``slides`` into ``folder``; returns its ``index.html``."""
-    views = [slide_view(slide, settings) for slide in slides]
-    return write_html_export(folder, views, threshold=settings.threshold,
-                             colormap=settings.colormap, title=title,
-                             opacity=settings.opacity)
+    return write_views(folder, [worklist_view(slide, settings) for slide in slides], settings,
+                       title)
