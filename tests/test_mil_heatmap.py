@@ -11,14 +11,10 @@ from shapely.geometry import Polygon, box
 
 from mil.heatmap import (
     NO_DATA,
-    PERCEPTUAL_COLORMAPS,
     CodeTiles,
     PatchSet,
-    colorize,
-    fit_normaliser,
     from_uint8,
     iter_windows,
-    normalise,
     render,
     render_slide,
     render_uint8,
@@ -26,6 +22,7 @@ from mil.heatmap import (
     to_uint8,
     window_cells,
 )
+from mil.heatmap_scale import PERCEPTUAL_COLORMAPS, colorize, fit_normaliser, normalise
 
 
 def _reference(sets: list[tuple[np.ndarray, np.ndarray, int]], size: tuple[int, int],

@@ -23,10 +23,11 @@ from PIL import Image
 from shapely.geometry import Polygon, box
 
 import wsi
-from mil.heatmap import CodeTiles, PatchSet, Region, colormap_lut
+from mil.heatmap import CodeTiles, PatchSet, Region
+from mil.heatmap_scale import colormap_lut
 from wsi.geojson import polygons_to_feature_collection
+from wsi.scalar_writer import write_scalar_pyramid
 from wsi.tissue import hsv_saturation_value
-from wsi.writer import write_scalar_pyramid
 
 from .scores import SlideScores, TopPatch
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from mil.heatmap import Normaliser, PatchSet, fit_normaliser
+from mil.heatmap import PatchSet
+from mil.heatmap_scale import Normaliser, fit_normaliser
 from wsi import GridSpec
 
 from ..feature_store import FeatureStoreError, open_features

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mil.heatmap import Normalisation, check_colormap
+from mil.heatmap_scale import Normalisation, check_colormap
 
 
 class HeatmapSettingsError(ValueError):

@@ -24,7 +24,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from mil.heatmap import PatchSet, colorize, normalise, render
+from mil.heatmap import PatchSet, render
+from mil.heatmap_scale import colorize, normalise
 from wsi.atomic import write_bytes_atomic
 
 from ..feature_store import FeatureStore
