@@ -18,14 +18,9 @@ from .backbones import Backbone, BackboneError
 from .cli_common import EXIT_SLIDES_FAILED, console, fatal, log_to
 from .config import ConfigError
 from .discovery import ManifestError, discover_slides
+from .explain import ExplanationError, ModelEnsemble, open_slide_context
 from .feature_store import FeatureStoreError
-from .gradcam import (
-    ExplanationError,
-    ModelEnsemble,
-    NotACnnError,
-    explain_slide,
-    open_slide_context,
-)
+from .gradcam import NotACnnError, explain_slide
 from .mil_run import store_path
 from .tile import write_csv_atomic
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -257,6 +257,11 @@ def train_run(config: MILRunConfig, run_dir: Path,
     return write_csv_atomic(run_dir / "predictions_oof.csv", rows)
 
 
+def ensemble_hash(model_hashes: Sequence[str]) -> str:
+    """The identity of an ensemble, as ``slidepipe predict`` names its stored attention."""
+    return hashlib.sha256("".join(model_hashes).encode()).hexdigest()[:16]
+
+
 def ensemble(model_paths: list[Path]) -> list[tuple[torch.nn.Module, dict[str, Any], str]]:
     """Load fold models (a run folder means all its ``fold_*/model.pt``)."""
     paths: list[Path] = []
@@ -275,7 +280,7 @@ def predict_slides(model_paths: list[Path], features: Path, slide_ids: list[str]
     models = ensemble(model_paths)
     reference = models[0][1]
     torch_device = resolve_device(device)
-    ensemble_hash = hashlib.sha256("".join(h for _, _, h in models).encode()).hexdigest()[:16]
+    identity = ensemble_hash([h for _, _, h in models])
     rows = []
     for slide_id in slide_ids:
         path = store_path(features, reference["feature_provenance"]["backbone"], slide_id)
@@ -295,7 +300,7 @@ def predict_slides(model_paths: list[Path], features: Path, slide_ids: list[str]
                 probabilities.append(probs[0].float().cpu().numpy())
                 attention.append(att[0].float().cpu().numpy())
         mean_probs, mean_att = np.mean(probabilities, 0), np.mean(attention, 0)
-        write_attention(path, f"attention_{ensemble_hash}", mean_att,
+        write_attention(path, f"attention_{identity}", mean_att,
                         {"models": [h for _, _, h in models],
                          "label_names": reference["label_names"]})
         predicted = int(np.argmax(mean_probs))
@@ -303,7 +308,7 @@ def predict_slides(model_paths: list[Path], features: Path, slide_ids: list[str]
         if threshold is not None and len(mean_probs) == 2:
             predicted = int(mean_probs[1] >= np.mean([m["threshold"] for _, m, _ in models]))
         row = {"slide_id": slide_id, "predicted": reference["label_names"][predicted],
-               "model_hash": ensemble_hash, "attention": f"attention_{ensemble_hash}"}
+               "model_hash": identity, "attention": f"attention_{identity}"}
         row.update({f"prob_{name}": float(p)
                     for name, p in zip(reference["label_names"], mean_probs, strict=True)})
         rows.append(row)

@@ -44,7 +44,7 @@ import wsi
 from wsi.atomic import atomic_directory
 
 from .backbones import Backbone
-from .gradcam import (
+from .explain import (
     ExplanationError,
     ModelEnsemble,
     SlideContext,

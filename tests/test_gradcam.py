@@ -26,17 +26,15 @@ from pipelines.backbones import BackboneConfig, load_backbone
 from pipelines.cli_gradcam import SUMMARY_NAME, gradcam
 from pipelines.config import load_config
 from pipelines.discovery import discover_slides
-from pipelines.extract import backbone_tag, extract_archive
-from pipelines.feature_store import FeatureStoreWriter, open_features
-from pipelines.gradcam import (
+from pipelines.explain import (
     ExplanationError,
-    FeatureMapTap,
     ModelEnsemble,
-    NotACnnError,
-    grad_cam,
     load_store_backbone,
     open_slide_context,
 )
+from pipelines.extract import backbone_tag, extract_archive
+from pipelines.feature_store import FeatureStoreWriter, open_features
+from pipelines.gradcam import FeatureMapTap, NotACnnError, grad_cam
 from pipelines.inference import Embedder
 from pipelines.mil_run import (
     MILRunConfig,
