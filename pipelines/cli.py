@@ -28,14 +28,15 @@ from rich.table import Table
 
 import wsi
 
-from . import __version__, cli_gradcam, cli_heatmap, cli_mil, cli_run
+from . import __version__, cli_demo, cli_gradcam, cli_heatmap, cli_mil, cli_radiology, cli_run
 from .backbones import BackboneError
 from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal, log_to
 from .config import ConfigError, SlidepipeConfig, load_config
-from .demo import DEMO_SIZE, DEMO_SLIDES, generate_demo_cohort
-from .discovery import ManifestError, SlideEntry, discover_slides
+from .discovery import ArchiveInputs, ManifestError, SlideEntry, discover_inputs, discover_slides
 from .extract import ExtractResult, backbone_tag, extract_archive
 from .feature_store import FeatureStoreError, import_h5
+from .heatmaps.pseudonyms import PseudonymError
+from .radiology import RadiologyError, StudyKeys, discover_studies, load_radiology_config
 from .tile import TileResult, tile_slide, write_csv_atomic, write_summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -188,9 +189,13 @@ def tile(
 
 @app.command()
 def extract(
-    paths: Annotated[list[Path], typer.Argument(help="slides, folders (recursive), manifest CSVs")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="slides, radiology studies (DICOM, NIfTI), folders (recursive), manifest CSVs")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     config_file: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config")] = None,
+    modality: Annotated[str, typer.Option(
+        help="auto (tell slides from DICOM/NIfTI studies), wsi (all slides), or ct, mr, cr, "
+             "dx, us (all radiology studies of that modality)")] = "auto",
     backbone: Annotated[str | None, typer.Option(
         help="efficientnet_lite0 (embedded), resnet50_trunc, a timm name, hf-hub:ORG/NAME")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="local weights for the backbone")] = None,
@@ -208,7 +213,9 @@ def extract(
 ) -> None:
     """Tile where no grid exists yet, then turn every patch into a feature vector with a
     pretrained backbone on a Dask cluster; write zarr stores (and CLAM/TRIDENT HDF5), a
-    summary CSV and a patches/s line. Exit code 2 when any slide failed."""
+    summary CSV and a patches/s line. Radiology studies become bags of slices or patches with
+    the default radiology settings (``slidepipe radiology extract`` takes the others) and go to
+    the same OUT/<study_id>/features_<backbone>.zarr layout. Exit code 2 when any failed."""
     try:
         config = load_config(config_file, {
             "backbone": {"name": backbone, "checkpoint": checkpoint, "device": device,
@@ -219,20 +226,39 @@ def extract(
             "extraction": {"overwrite": overwrite or None},
         })
         out.mkdir(parents=True, exist_ok=True)
-        entries = discover_slides(paths)
+        found = discover_inputs(paths, modality)
     except (ConfigError, ManifestError, OSError) as error:
         raise fatal(str(error)) from error
-    if not entries:
-        raise fatal("no slides found in " + ", ".join(map(str, paths)))
-    with _run_log(out) as log_path:
-        try:
-            results = run_extraction(entries, config, out)
-        except BackboneError as error:
-            raise fatal(str(error)) from error
-    code = _print_extraction_summary(results, out)
-    if code:
-        console.print(f"details of the failures: {log_path}")
+    if not found.slides and not found.studies:
+        raise fatal("no slides or studies found in " + ", ".join(map(str, paths)))
+    code = EXIT_OK
+    if found.slides:
+        with _run_log(out) as log_path:
+            try:
+                results = run_extraction(found.slides, config, out)
+            except BackboneError as error:
+                raise fatal(str(error)) from error
+        code = _print_extraction_summary(results, out)
+        if code:
+            console.print(f"details of the failures: {log_path}")
+    if found.studies:
+        code = max(code, _extract_studies(found, config, out))
     raise typer.Exit(code)
+
+
+def _extract_studies(found: ArchiveInputs, config: SlidepipeConfig, out: Path) -> int:
+    """The radiology inputs of ``slidepipe extract``, with its backbone and cluster."""
+    try:
+        radiology = load_radiology_config(None, {
+            "modality": found.radiology_modality,
+            "backbone": config.backbone.model_dump(mode="json"),
+            "cluster": config.cluster.model_dump(mode="json")})
+        keys = StudyKeys.for_output(out)
+        studies = discover_studies(found.studies)
+    except (ConfigError, PseudonymError, RadiologyError, OSError) as error:
+        raise fatal(str(error)) from error
+    return cli_radiology.run_radiology_extraction(studies, radiology, out, keys,
+                                                  config.extraction.overwrite)
 
 
 def run_extraction(entries: list[SlideEntry], config: SlidepipeConfig, out: Path
@@ -300,33 +326,6 @@ def import_features(
     raise typer.Exit(EXIT_SLIDES_FAILED if failed else EXIT_OK)
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("demo-output"),
-    slides: Annotated[int, typer.Option(min=2, help="number of slides")] = DEMO_SLIDES,
-    size: Annotated[int, typer.Option(min=1024, help="slide width and height, px")] = DEMO_SIZE,
-) -> None:
-    """Generate a small synthetic cohort of pyramidal H&E-like slides (half with lesions) and
-    run the pipeline on it with the embedded defaults: tissue and patch grids, then features
-    from the embedded ImageNet EfficientNet-Lite0 on a Dask LocalCluster."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = load_config(None)
-    with _run_log(out) as log_path:
-        console.print(f"generating the demo cohort in {out / 'slides'} …")
-        labels = generate_demo_cohort(out, slides, (size, size))
-        results = out / "results"
-        results.mkdir(exist_ok=True)
-        tiled = run_tiling([labels], results, config)
-        code = _print_tiling_summary(tiled, results)
-        extracted = run_extraction(discover_slides([labels]), config, results)
-        code = max(code, _print_extraction_summary(extracted, results))
-    console.print(f"per slide in {results}/<slide>/: overview.png (the patch grid), "
-                  "tissue.geojson (QuPath), grid.zarr and features_efficientnet_lite0.zarr; "
-                  f"CLAM/TRIDENT features: {results}/features_efficientnet_lite0/h5_files; "
-                  f"log: {log_path}")
-    raise typer.Exit(code)
-
-
 app.command()(cli_mil.train)
 app.command()(cli_mil.evaluate)
 app.command()(cli_mil.predict)
@@ -335,6 +334,8 @@ app.command()(cli_heatmap.heatmap)
 app.command()(cli_gradcam.gradcam)
 app.command()(cli_run.run)
 app.command()(cli_run.status)
+app.command()(cli_demo.demo)
+app.add_typer(cli_radiology.app, name="radiology")
 
 
 def main() -> None:

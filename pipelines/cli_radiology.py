@@ -1,9 +1,11 @@
 """``slidepipe radiology``: DICOM and NIfTI studies through the slide pipeline.
 
 ``extract`` turns studies into feature stores that ``slidepipe train`` / ``predict`` read as
-they read slides; ``heatmap`` exports attention plots, overlays and NIfTI maps of predicted
-studies; ``deidentify`` writes de-identified copies of DICOM files. Exit codes as everywhere:
-0 all done, 2 finished but some studies failed, 1 fatal.
+they read slides (``slidepipe extract`` runs the same code with the default radiology
+settings; this command adds the radiology YAML, window, spacing and key file); ``heatmap``
+exports attention plots, overlays and NIfTI maps of predicted studies; ``deidentify`` writes
+de-identified copies of DICOM files. Exit codes as everywhere: 0 all done, 2 finished but some
+studies failed, 1 fatal.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from .cli_common import EXIT_OK, EXIT_SLIDES_FAILED, console, fatal, log_to
 from .config import ConfigError
 from .extract_worker import store_path
 from .feature_store import FeatureStoreError, open_features
-from .heatmaps.pseudonyms import PseudonymError, check_outside
+from .heatmaps.pseudonyms import PseudonymError
 from .radiology import (
     RadiologyConfig,
     RadiologyError,
+    StudyInput,
     StudyKeys,
     StudyResult,
     deidentify_file,
@@ -63,12 +66,6 @@ def _config(config_file: Path | None, modality: str | None, window: str | None,
         **extra})
 
 
-def _keys(config: RadiologyConfig, key_file: Path | None, out: Path) -> StudyKeys:
-    path = key_file or config.key_file or out.absolute().parent / f"{out.name}-radiology.key"
-    check_outside(path, out)
-    return StudyKeys.from_file(path)
-
-
 def _report(result: StudyResult) -> None:
     if result.status in ("ok", "cached"):
         console.print(f"[green]{result.status}[/] {result.study_id}: {result.modality} "
@@ -87,6 +84,28 @@ def _write_mapping(path: Path, rows: list[tuple[str, str]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def run_radiology_extraction(studies: list[StudyInput], config: RadiologyConfig, out: Path,
+                             keys: StudyKeys, overwrite: bool = False) -> int:
+    """Extract ``studies`` into ``out`` on Dask (``slidepipe extract`` and ``slidepipe
+    radiology extract``): one line per study, ``OUT/radiology_summary.csv`` and the input →
+    study id table beside ``out``; returns the exit code."""
+    with log_to(out / "slidepipe.log") as log_path:
+        try:
+            results = extract_studies(studies, config, out, keys, on_study=_report,
+                                      overwrite=overwrite, announce=console.print)
+        except BackboneError as error:
+            raise fatal(error) from error
+    write_csv_atomic(out / "radiology_summary.csv", [asdict(r) for r in results])
+    _write_mapping(out.absolute().parent / f"{out.name}-pseudonyms.csv",
+                   [(s.label, r.study_id) for s, r in zip(studies, results, strict=True)])
+    failed = sum(r.status == "failed" for r in results)
+    console.print(f"{len(results)} studies: {len(results) - failed} done, {failed} failed; "
+                  f"summary: {out / 'radiology_summary.csv'}")
+    if failed:
+        console.print(f"details of the failures: {log_path}")
+    return EXIT_SLIDES_FAILED if failed else EXIT_OK
+
+
 @app.command()
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders, NIfTI files")],
@@ -99,37 +118,28 @@ def extract(
                                                       "efficientnet_lite0)")] = None,
     random_weights: Annotated[bool, typer.Option(
         "--random-weights", help="random initialisation (for quick checks only)")] = False,
+    scheduler: Annotated[str | None, typer.Option(
+        help="existing Dask scheduler, tcp://HOST:PORT (default: a LocalCluster)")] = None,
     key_file: KeyOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="recompute finished studies")
                          ] = False,
 ) -> None:
-    """Read each study, build its bag (slices or foreground patches) and write its features
-    to OUT/<study_id>/features_<backbone>.zarr; OUT/radiology_summary.csv lists them."""
+    """Like ``slidepipe extract`` on studies, with the radiology settings (a radiology YAML,
+    window, spacing, key file): read each study, build its bag (slices or foreground patches)
+    and write its features to OUT/<study_id>/features_<backbone>.zarr on a Dask cluster;
+    OUT/radiology_summary.csv lists them."""
     try:
         config = _config(config_file, modality, window, spacing, backbone={
-            "name": backbone, "pretrained": False if random_weights else None})
+            "name": backbone, "pretrained": False if random_weights else None},
+            cluster={"scheduler": scheduler})
         out.mkdir(parents=True, exist_ok=True)
-        keys = _keys(config, key_file, out)
+        keys = StudyKeys.for_output(out, key_file or config.key_file)
         studies = discover_studies(inputs)
     except (ConfigError, PseudonymError, RadiologyError, OSError) as error:
         raise fatal(error) from error
     if not studies:
         raise fatal("no studies found in " + ", ".join(map(str, inputs)))
-    with log_to(out / "slidepipe.log") as log_path:
-        try:
-            results = extract_studies(studies, config, out, keys, on_study=_report,
-                                      overwrite=overwrite)
-        except BackboneError as error:
-            raise fatal(error) from error
-    write_csv_atomic(out / "radiology_summary.csv", [asdict(r) for r in results])
-    _write_mapping(out.absolute().parent / f"{out.name}-pseudonyms.csv",
-                   [(s.label, r.study_id) for s, r in zip(studies, results, strict=True)])
-    failed = sum(r.status == "failed" for r in results)
-    console.print(f"{len(results)} studies: {len(results) - failed} done, {failed} failed; "
-                  f"summary: {out / 'radiology_summary.csv'}")
-    if failed:
-        console.print(f"details of the failures: {log_path}")
-    raise typer.Exit(EXIT_SLIDES_FAILED if failed else EXIT_OK)
+    raise typer.Exit(run_radiology_extraction(studies, config, out, keys, overwrite))
 
 
 @app.command()
@@ -149,8 +159,8 @@ def heatmap(
     volumes aligned with the input, into OUT/<study_id>/."""
     try:
         config = _config(config_file, modality, window, spacing)
-        keys = _keys(config, key_file or features.absolute().parent /
-                     f"{features.name}-radiology.key", out)
+        keys = StudyKeys.for_output(out, key_file or config.key_file or features.absolute()
+                                    .parent / f"{features.name}-radiology.key")
         with open(predictions, newline="") as handle:
             rows = {r["slide_id"]: r for r in csv.DictReader(handle)}
         studies = discover_studies(inputs)
@@ -189,7 +199,7 @@ def deidentify(
     consistently) to OUT/<study_id>/<n>.dcm."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        keys = _keys(RadiologyConfig(), key_file, out)
+        keys = StudyKeys.for_output(out, key_file)
         studies = find_dicom_studies(inputs)
     except (PseudonymError, RadiologyError, OSError) as error:
         raise fatal(error) from error

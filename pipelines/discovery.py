@@ -1,7 +1,13 @@
-"""Finding slides in an archive: files, folders (recursive) and manifest CSVs.
+"""Finding slides and radiology studies in an archive: files, folders (recursive) and manifest
+CSVs.
 
-A folder holding ``.dcm`` files is one DICOM-WSI slide. Explicitly named files are always taken,
-whatever their extension, so a mis-named file gets a clear error instead of vanishing.
+:func:`discover_slides` takes everything as whole slides: a folder holding ``.dcm`` files is one
+DICOM-WSI slide. :func:`discover_inputs` tells the two kinds apart (``--modality auto``):
+NIfTI-family files (:data:`NIBABEL_SUFFIXES`) and DICOM files that are not whole-slide images
+(``.dcm`` files, and suffix-less files with the DICOM preamble) are radiology inputs, while a
+folder whose ``.dcm`` files are DICOM-WSI (SOP class VL Whole Slide Microscopy, modality SM)
+stays one slide. Explicitly named files are always taken, whatever their extension, so a
+mis-named file gets a clear error instead of vanishing.
 """
 
 from __future__ import annotations
@@ -13,6 +19,13 @@ from pathlib import Path
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
                   ".svslide", ".btf", ".tf8", ".qptiff")
+#: Suffixes of the formats nibabel reads (radiology volumes).
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr", ".nrrd")
+#: ``--modality`` values: ``auto`` tells slides from studies, ``wsi`` takes everything as
+#: slides, the others take everything as radiology studies of that modality.
+RADIOLOGY_MODALITIES = ("ct", "mr", "cr", "dx", "us")
+MODALITIES = ("auto", "wsi", *RADIOLOGY_MODALITIES)
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
 class ManifestError(ValueError):
@@ -37,25 +50,63 @@ def _slide_stem(path: Path) -> str:
     return path.stem if path.is_file() or path.suffix else path.name
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir() if p.is_file())
+def is_nibabel_file(path: Path) -> bool:
+    """Whether ``path`` has a suffix of a format nibabel reads."""
+    return path.name.lower().endswith(NIBABEL_SUFFIXES)
 
 
-def _walk(folder: Path) -> list[Path]:
-    found: list[Path] = []
-    if _is_dicom_folder(folder):
-        return [folder]
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_wsi_dicom(path: Path) -> bool:
+    """Whether ``path`` is a DICOM-WSI instance (False when its header cannot be read)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SOPClassUID", "Modality"])
+    except Exception:  # not DICOM, truncated…: not a whole slide either way
+        return False
+    return (str(header.get("SOPClassUID", "")) == WSI_SOP_CLASS
+            or str(header.get("Modality", "")).upper() == "SM")
+
+
+def _is_radiology_file(path: Path) -> bool:
+    """A NIfTI-family file, or a DICOM file (``.dcm``, or no suffix and the DICOM preamble)
+    that is not a whole-slide image."""
+    if is_nibabel_file(path):
+        return True
+    dicom = path.suffix.lower() == ".dcm" or (not path.suffix and _has_dicom_preamble(path))
+    return dicom and not _is_wsi_dicom(path)
+
+
+@dataclass
+class _Found:
+    slides: list[Path]
+    studies: list[Path]
+
+
+def _walk(folder: Path, detect: bool, found: _Found) -> None:
+    dicom = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    if dicom and (not detect or _is_wsi_dicom(dicom[0])):
+        found.slides.append(folder)
+        return
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
             continue
         if child.is_dir():
             # an MRXS data folder sits beside its index file and is not a slide of its own
-            if child.with_suffix(".mrxs").exists():
-                continue
-            found.extend(_walk(child))
+            if not child.with_suffix(".mrxs").exists():
+                _walk(child, detect, found)
         elif child.name.lower().endswith(SLIDE_SUFFIXES):
-            found.append(child)
-    return found
+            found.slides.append(child)
+        elif detect and _is_radiology_file(child):
+            found.studies.append(child)
 
 
 def _read_manifest(path: Path) -> list[tuple[Path, str | None, float | None]]:
@@ -94,14 +145,38 @@ def _unique_ids(items: list[tuple[Path, str | None, float | None]]) -> list[Slid
     return entries
 
 
-def discover_slides(inputs: list[str | Path]) -> list[SlideEntry]:
-    """Expand files, folders and manifest CSVs into slide entries (deduplicated by path)."""
+@dataclass(frozen=True)
+class ArchiveInputs:
+    """What :func:`discover_inputs` found: slide entries, and radiology files and folders for
+    :func:`pipelines.radiology.discover_studies` (``radiology_modality``: the ``--modality``
+    to read them with, ``auto`` unless one was given)."""
+
+    slides: list[SlideEntry]
+    studies: list[Path]
+    radiology_modality: str = "auto"
+
+
+def discover_inputs(inputs: list[str | Path], modality: str = "auto") -> ArchiveInputs:
+    """Slides and radiology inputs among files, folders and manifest CSVs (see the module
+    docstring); ``modality`` ``wsi`` or a radiology modality takes every input as that kind.
+    Raises ManifestError for a bad manifest or an unknown modality."""
+    if modality not in MODALITIES:
+        raise ManifestError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
+    if modality in RADIOLOGY_MODALITIES:
+        return ArchiveInputs([], [Path(p) for p in inputs], modality)
+    detect = modality == "auto"
     items: list[tuple[Path, str | None, float | None]] = []
+    studies: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            items.extend((p, None, None) for p in _walk(item))
+            found = _Found([], [])
+            _walk(item, detect, found)
+            items.extend((p, None, None) for p in found.slides)
+            studies.extend(found.studies)
         elif item.suffix.lower() == ".csv":
             items.extend(_read_manifest(item))
+        elif detect and item.is_file() and _is_radiology_file(item):
+            studies.append(item)
         else:
             items.append((item, None, None))
     seen: set[Path] = set()
@@ -111,4 +186,10 @@ def discover_slides(inputs: list[str | Path]) -> list[SlideEntry]:
         if key not in seen:
             seen.add(key)
             unique.append((path, given, mpp))
-    return _unique_ids(unique)
+    return ArchiveInputs(_unique_ids(unique), studies)
+
+
+def discover_slides(inputs: list[str | Path]) -> list[SlideEntry]:
+    """Expand files, folders and manifest CSVs into slide entries (deduplicated by path),
+    taking every input as a whole slide."""
+    return discover_inputs(inputs, "wsi").slides

@@ -128,7 +128,9 @@ _normalisers: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {}
 _slides: dict[tuple[str, str, float | None], wsi.Slide] = {}
 
 
-def _embedder(backbone: dict[str, Any], torch_threads: int) -> Embedder:
+def cached_embedder(backbone: dict[str, Any], torch_threads: int) -> Embedder:
+    """The worker process's embedder for ``backbone`` (a BackboneConfig as JSON), loaded once
+    with ``torch_threads`` torch threads."""
     key = json.dumps(backbone, sort_keys=True, default=str)
     with _cache_lock:
         if key not in _embedders:
@@ -290,7 +292,7 @@ def finalize_slide(job: FinalizeJob) -> int:
 def run_chunk(job: ChunkJob) -> ChunkResult:
     """Extract and store the features of one chunk (runs on a Dask worker)."""
     start = time.perf_counter()
-    embedder = _embedder(job.backbone, job.torch_threads)
+    embedder = cached_embedder(job.backbone, job.torch_threads)
     normalise = _normaliser(job.stain)
     slide = _slide(job.slide_path, job.backend, job.mpp)
     batch_size = int(job.backbone.get("batch_size", 64))

@@ -1,6 +1,7 @@
 """Radiology end to end through the same commands as the slides: real CT/MR studies (DICOM
-and NIfTI) → ``slidepipe radiology extract`` → ``slidepipe train`` (ABMIL) → ``predict`` →
-``slidepipe radiology heatmap``; and a radiograph's patch attention as an overlay. Nothing
+and NIfTI) → ``slidepipe radiology extract`` (on Dask, the same features as in-process) →
+``slidepipe train`` (ABMIL) → ``predict`` → ``slidepipe radiology heatmap``; a radiograph's
+patch attention as an overlay; ``slidepipe extract`` telling studies from slides. Nothing
 written carries the patients' identifiers."""
 
 from __future__ import annotations
@@ -18,14 +19,25 @@ from nibabel.testing import data_path
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipelines.backbones import load_backbone
 from pipelines.cli import app
+from pipelines.discovery import discover_inputs
 from pipelines.feature_store import open_features
+from pipelines.inference import Embedder
 from pipelines.mil_run import write_attention
-from pipelines.radiology import StudyKeys, find_dicom_studies, read_dicom_study
+from pipelines.radiology import (
+    StudyKeys,
+    build_bag,
+    find_dicom_studies,
+    load_radiology_config,
+    read_dicom_study,
+    read_nifti,
+)
 from pipelines.radiology.exports import export_study
 from tests.test_radiology_readers import real, write_series
 
 runner = CliRunner()
+EXAMPLE_CONFIG = Path(__file__).parents[1] / "configs/radiology.example.yaml"
 IDENTIFIERS = ("CompressedSamples", "CQ500", "1CT1", "4MR1", "9RG1")
 
 
@@ -156,3 +168,52 @@ def test_deidentify_command_writes_profile_compliant_copies(tmp_path: Path) -> N
         assert copy.PatientName == copy.PatientID and copy.PatientID.startswith("patient-")
     assert not any(word.encode() in p.read_bytes() for word in IDENTIFIERS for p in written)
     assert written[0].parent.name.startswith("study-")
+
+
+def test_dask_features_equal_in_process_features(cohort: dict[str, Path]) -> None:
+    config = load_radiology_config(EXAMPLE_CONFIG)
+    volume = read_nifti(cohort["inputs"] / "anatomical.nii",
+                        StudyKeys.from_file(cohort["root"] / "features-radiology.key"))
+    bag = build_bag(volume, config.volume, config.image, config.window)
+    expected = Embedder(load_backbone(config.backbone))(bag.images).astype(np.float16)
+    store = open_features(cohort["features"] / volume.study_id /
+                          "features_efficientnet_lite0.zarr")
+    np.testing.assert_allclose(store.features().astype(np.float32),
+                               expected.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert not (cohort["features"] / volume.study_id / "bag.npz").exists()
+
+
+def test_extract_tells_studies_from_slides(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    (archive / "slide-dicom").mkdir(parents=True)
+    for number in range(2):  # DICOM-WSI headers: the folder is one slide
+        ds = pydicom.dcmread(real("CT_small.dcm"))
+        ds.Modality, ds.SOPClassUID = "SM", "1.2.840.10008.5.1.4.1.1.77.1.6"
+        ds.save_as(archive / "slide-dicom" / f"level{number}.dcm")
+    (archive / "small.svs").write_bytes(b"")
+    write_series(archive / "ct_series", 3)
+    (archive / "radiographs").mkdir()
+    shutil.copy(real("CT_small.dcm"), archive / "radiographs" / "IM0001")  # no suffix
+    shutil.copy(Path(data_path) / "anatomical.nii", archive / "anatomical.nii")
+    (archive / "broken.nii.gz").write_bytes(b"not a volume")
+    found = discover_inputs([archive])
+    assert [e.path for e in found.slides] == [archive / "slide-dicom", archive / "small.svs"]
+    assert sorted(p.relative_to(archive).as_posix() for p in found.studies) == [
+        "anatomical.nii", "broken.nii.gz", *(f"ct_series/file{i:02d}.dcm" for i in range(3)),
+        "radiographs/IM0001"]
+    assert discover_inputs([archive], "ct").studies == [archive]
+    assert discover_inputs([archive], "wsi").studies == []
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["extract", str(archive / "ct_series"),
+                                 str(archive / "anatomical.nii"), str(archive / "broken.nii.gz"),
+                                 "--out", str(out), "--random-weights"])
+    assert result.exit_code == 2, result.output
+    rows = list(csv.DictReader((out / "radiology_summary.csv").open()))
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok"]
+    assert "broken.nii.gz" in next(r["error"] for r in rows if r["status"] == "failed")
+    for row in rows:
+        if row["status"] == "ok":
+            store = open_features(out / row["study_id"] / "features_efficientnet_lite0.zarr")
+            assert len(store) == int(row["instances"]) and store.attrs["radiology"]
+    assert (tmp_path / "out-radiology.key").is_file()

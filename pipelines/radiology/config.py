@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..backbones import BackboneConfig
+from ..cluster import ClusterConfig
 from ..config import ConfigError
 from .windowing import check_window
 
@@ -63,15 +64,23 @@ class RadiologyConfig(BaseModel):
     chunk_rows: int = Field(512, ge=1)
     key_file: Path | None = Field(None, description="pseudonym key (default: OUT-radiology.key "
                                                     "beside the output folder)")
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("window")
     @classmethod
     def _known_window(cls, value: str) -> str:
         return check_window(value)
 
+    def bag_grids(self) -> list[tuple[float, int]]:
+        """(µm/px, instance size) of the bags: slices, then image patches; what a feature
+        store's ``grid`` records and MIL models are checked against."""
+        return [(self.volume.spacing_mm * 1000.0, self.volume.size),
+                (self.image.spacing_mm * 1000.0, self.image.patch_size)]
+
     def resolved(self) -> dict[str, Any]:
-        """The configuration as plain JSON, for provenance (the key file's path omitted)."""
-        return self.model_dump(mode="json", exclude={"key_file"})
+        """The configuration as plain JSON, for provenance (the key file's path and where the
+        graph ran omitted: neither changes a feature)."""
+        return self.model_dump(mode="json", exclude={"key_file", "cluster"})
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -290,7 +290,8 @@ def _content_hash(arrays: Iterable[np.ndarray]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _identity(ds: Dataset, volumetric: bool) -> str:
+def dicom_identity(ds: Dataset, volumetric: bool) -> str:
+    """The UIDs a study's pseudonym is made from (series; instance too for 2D images)."""
     parts = [str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))]
     if not volumetric:
         parts.append(str(ds.get("SOPInstanceUID", "")))
@@ -351,7 +352,7 @@ def read_dicom_study(study: DicomStudy, keys: StudyKeys,
                      or 1.0)
         affine = np.diag([-spacing_rc[1], -spacing_rc[0], step, 1.0])
     array = np.ascontiguousarray(array[order])
-    return Volume(study_id=keys.study_id(_identity(first, study.volumetric)),
+    return Volume(study_id=keys.study_id(dicom_identity(first, study.volumetric)),
                   modality=study.modality, kind="volume" if study.volumetric else "image",
                   array=array, spacing=(step, spacing_rc[0], spacing_rc[1]), affine=affine,
                   content_hash=_content_hash([array]), source_format="dicom",

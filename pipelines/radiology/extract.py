@@ -1,57 +1,45 @@
-"""Radiology studies → bags → features in ordinary slidepipe feature stores.
+"""Radiology studies → bags → features in ordinary slidepipe feature stores, as one Dask graph.
 
-Each study found in the inputs (see :func:`discover_studies`) is read, turned into a bag and
-embedded with the same backbone registry and :class:`~pipelines.inference.Embedder` as the
-slides; its features go to ``OUT/<study_id>/features_<backbone>.zarr`` through the feature
-store writer, so ``slidepipe train`` / ``predict`` and :mod:`mil` read them unchanged. The
-store's ``grid`` attribute holds ``target_mpp`` (the bag's spacing in µm/px) and
-``patch_size``, which MIL compares between training and prediction; ``radiology`` holds the
-study's geometry (no PHI), and the ``geometry`` array one row per instance. A study that
-fails is recorded and the others go on; a complete store with the same key is kept.
+Each study found in the inputs (see :func:`~.studies.discover_studies`) goes through two tasks
+(:mod:`.worker`): reading it and building its bag on any worker, then embedding the bag and
+writing ``OUT/<study_id>/features_<backbone>.zarr`` on a model worker (the ``MODEL`` resource),
+with the same backbone registry, per-worker model cache and feature store writer as the
+slides. :class:`StudyExtraction` is that chain for one study, run by the engine of
+:mod:`pipelines.run.flow` together with every other study's (and, in ``slidepipe run``, every
+slide's), on a LocalCluster or an existing cluster (``cluster.scheduler``). ``slidepipe
+extract``, ``slidepipe radiology extract`` and ``slidepipe run`` share it. A study that fails
+is recorded with its reason and the others go on; a complete store with the same key is kept.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import zarr
-
-from .. import __version__
-from ..backbones import Backbone, load_backbone
-from ..extract_worker import store_path
-from ..feature_store import FeatureStoreError, FeatureStoreWriter, store_status
-from ..inference import Embedder
-from .bags import Bag, build_bag
-from .config import SLICE_MODALITIES, RadiologyConfig
-from .dicom import DicomStudy, find_dicom_studies, read_dicom_study, read_header
-from .errors import NotVolumeFileError, RadiologyError
+from ..backbones import load_backbone
+from ..cluster import dask_client, default_torch_threads, default_workers
+from ..extract_worker import BackboneIdentity
+from ..run.flow import (
+    EMBEDDING,
+    STARTING,
+    ArchiveFlow,
+    Failure,
+    Next,
+    SlideWork,
+    StageOutcome,
+    Step,
+    Task,
+)
+from .config import RadiologyConfig
 from .keys import StudyKeys
-from .nifti import is_nibabel_file, read_nifti
-from .volume import Volume
+from .studies import StudyInput
+from .worker import EmbedJob, PreparedStudy, StudyJob, embed_study, prepare_study
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "slidepipe.radiology/1"
-GEOMETRY = "geometry"
-
-
-@dataclass(frozen=True)
-class StudyInput:
-    """One study to read: a DICOM study (files grouped) or a nibabel file."""
-
-    label: str
-    dicom: DicomStudy | None = None
-    nifti: Path | None = None
-    error: str | None = None
-    """Why the input cannot be a study (e.g. not DICOM); reported as a failed study."""
 
 
 @dataclass
@@ -68,130 +56,148 @@ class StudyResult:
     error: str = ""
 
 
-def discover_studies(paths: Iterable[Path]) -> list[StudyInput]:
-    """NIfTI-family files by suffix, everything else as DICOM (folders searched recursively).
+@dataclass(frozen=True)
+class RadiologySetup:
+    """What every study of an extraction shares: the configuration, the output folder
+    (studies go to ``out/<study_id>/``), the pseudonym keys and the backbone's identity."""
 
-    An input that is missing or not DICOM becomes a study carrying its error, so that it is
-    reported as failed while the others are extracted.
-    """
-    studies: list[StudyInput] = []
-    dicom_paths: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_file() and is_nibabel_file(path):
-            studies.append(StudyInput(label=str(path), nifti=path))
-        elif path.is_dir():
-            studies += [StudyInput(label=str(p), nifti=p) for p in sorted(path.rglob("*"))
-                        if p.is_file() and is_nibabel_file(p)]
-            dicom_paths.append(path)
-        elif not path.exists():
-            studies.append(StudyInput(label=str(path), error=f"{path} does not exist"))
+    config: RadiologyConfig
+    out: Path
+    keys: StudyKeys
+    backbone: BackboneIdentity
+    torch_threads: int
+    overwrite: bool = False
+
+    @classmethod
+    def create(cls, config: RadiologyConfig, out: Path, keys: StudyKeys,
+               overwrite: bool = False) -> RadiologySetup:
+        """Load the backbone once, on the CPU, for its identity; the workers load their own.
+        Raises ``BackboneError`` when it cannot be loaded."""
+        backbone = load_backbone(config.backbone.model_copy(update={"device": "cpu",
+                                                                    "compile": False}))
+        threads = default_torch_threads(config.cluster, default_workers(config.cluster))
+        return cls(config=config, out=Path(out), keys=keys,
+                   backbone=BackboneIdentity.of(backbone), torch_threads=threads,
+                   overwrite=overwrite)
+
+
+def features_detail(prepared: PreparedStudy, cached: bool) -> dict[str, Any]:
+    """What the extract stage reports about a study (the keys slides report too)."""
+    return {"patches": prepared.instances, "cached": cached, "store": prepared.store,
+            "no_tissue": prepared.instances == 0, "study_id": prepared.study_id,
+            "modality": prepared.modality, "kind": prepared.kind}
+
+
+class StudyExtraction:
+    """The client-side chain of one study: read and bag it (the ``tile`` stage when
+    ``stages`` has it, else part of ``extract``), then embed it; ``after`` continues the chain
+    once the features are complete."""
+
+    def __init__(self, study: StudyInput, setup: RadiologySetup,
+                 stages: tuple[str, ...] = ("tile", "extract"),
+                 after: Callable[[], Next] | None = None) -> None:
+        self.study = study
+        self.setup = setup
+        self.stages = stages
+        self.after = after
+        self.prepared: PreparedStudy | None = None
+
+    def start(self) -> Next:
+        """The first step: read the study and build its bag."""
+        setup = self.setup
+        job = StudyJob(study=self.study, config=setup.config, keys=setup.keys,
+                       out=str(setup.out), backbone=setup.backbone, overwrite=setup.overwrite)
+        stage = "tile" if "tile" in self.stages else "extract"
+        return Next(step=Step(stage, [Task(prepare_study, job, "cpu", "bag", STARTING)],
+                              self._prepared))
+
+    def _continue_after(self, finished: list[StageOutcome]) -> Next:
+        if self.after is None:
+            return Next(finished)
+        following = self.after()
+        return Next(finished + following.finished, following.step)
+
+    def _prepared(self, results: list[Any]) -> Next:
+        prepared: PreparedStudy = results[0]
+        self.prepared = prepared
+        finished = []
+        if "tile" in self.stages:
+            finished.append(StageOutcome("tile", "done", {
+                "patches": prepared.instances, "no_tissue": prepared.instances == 0,
+                "modality": prepared.modality, "kind": prepared.kind}))
+        if "extract" not in self.stages:
+            return self._continue_after(finished)
+        if not prepared.bag_file:
+            finished.append(StageOutcome("extract", "done",
+                                         features_detail(prepared, prepared.cached)))
+            return self._continue_after(finished)
+        config = self.setup.config
+        assert prepared.attributes is not None
+        job = EmbedJob(bag_file=prepared.bag_file, store=prepared.store, key=prepared.key,
+                       attributes=prepared.attributes,
+                       backbone=config.backbone.model_dump(mode="json"),
+                       torch_threads=self.setup.torch_threads, chunk_rows=config.chunk_rows,
+                       dtype=config.dtype, overwrite=self.setup.overwrite)
+        return Next(finished, Step("extract", [Task(embed_study, job, "model", "embed",
+                                                    EMBEDDING)], self._embedded))
+
+    def _embedded(self, results: list[Any]) -> Next:
+        assert self.prepared is not None
+        return self._continue_after([StageOutcome("extract", "done",
+                                                  features_detail(self.prepared, False))])
+
+
+class _StudyEvents:
+    """Fills one :class:`StudyResult` as the study goes through the engine."""
+
+    def __init__(self, study: StudyInput, result: StudyResult,
+                 on_study: Callable[[StudyResult], None] | None) -> None:
+        self.study = study
+        self.result = result
+        self.on_study = on_study
+        self.started = time.perf_counter()
+
+    def _done(self) -> None:
+        self.result.seconds = round(time.perf_counter() - self.started, 3)
+        if self.on_study is not None:
+            self.on_study(self.result)
+
+    def stage_started(self, stage: str) -> None:
+        """Nothing to record: the study's clock runs from its admission."""
+
+    def stage_finished(self, outcome: StageOutcome, seconds: float) -> None:
+        detail, result = outcome.detail, self.result
+        result.study_id, result.store = detail["study_id"], detail["store"]
+        result.modality, result.kind = detail["modality"], detail["kind"]
+        result.instances = detail["patches"]
+        if detail["no_tissue"]:
+            result.status, result.error = "empty", "no foreground patch in the image"
         else:
-            try:
-                read_header(path)
-            except RadiologyError as error:
-                studies.append(StudyInput(label=str(path), error=str(error)))
-                continue
-            dicom_paths.append(path)
-    studies += [StudyInput(label=str(s.files[0].parent if len(s.files) > 1 else s.files[0]),
-                           dicom=s) for s in find_dicom_studies(dicom_paths)]
-    return studies
+            result.status = "cached" if detail["cached"] else "ok"
+        self._done()
 
+    def stage_failed(self, stage: str, failure: Failure, seconds: float) -> None:
+        self.result.error = f"{self.study.label}: {failure.message}"
+        self._done()
 
-def read_study(study: StudyInput, config: RadiologyConfig, keys: StudyKeys) -> Volume:
-    """The study's :class:`Volume`, with ``--modality`` applied when it is not ``auto``."""
-    if study.error is not None:
-        raise NotVolumeFileError(study.error)
-    if study.nifti is not None:
-        modality = "MR" if config.modality == "auto" else config.modality.upper()
-        return read_nifti(study.nifti, keys, modality)
-    assert study.dicom is not None
-    dicom = study.dicom
-    if config.modality != "auto":
-        dicom = DicomStudy(dicom.files, config.modality.upper(),
-                           config.modality in SLICE_MODALITIES)
-    return read_dicom_study(dicom, keys, config.image.pixel_spacing_mm)
-
-
-def _bag_settings(volume: Volume, config: RadiologyConfig) -> dict[str, Any]:
-    section = config.volume if volume.kind == "volume" else config.image
-    return {"kind": volume.kind, "window": config.window, **section.model_dump(mode="json")}
-
-
-def study_key(volume: Volume, backbone: Backbone, config: RadiologyConfig) -> str:
-    """Identity of a study's features: content, geometry, bag settings, backbone, dtype."""
-    parts = {"schema": SCHEMA, "content": volume.content_hash, "modality": volume.modality,
-             "spacing": list(volume.spacing), "bag": _bag_settings(volume, config),
-             "backbone": backbone.spec.name, "weights": backbone.weights_hash,
-             "dtype": config.dtype}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _attributes(volume: Volume, bag: Bag, backbone: Backbone,
-                config: RadiologyConfig) -> dict[str, Any]:
-    return {
-        "slide_id": volume.study_id, "slide_hash": volume.content_hash,
-        "backbone": backbone.spec.name, "backbone_source": backbone.spec.source,
-        "weights_hash": backbone.weights_hash, "pretrained": config.backbone.pretrained,
-        "feature_dim": backbone.spec.feature_dim,
-        "grid": {"target_mpp": bag.spacing_mm * 1000.0, "patch_size": bag.size,
-                 "kind": bag.kind, "spacing_mm": bag.spacing_mm},
-        "radiology": {"schema": SCHEMA, "study_id": volume.study_id,
-                      "modality": volume.modality, "kind": volume.kind,
-                      "source_format": volume.source_format, "shape": list(volume.shape),
-                      "spacing_mm": list(volume.spacing), "affine": volume.affine.tolist(),
-                      "geometry_known": volume.geometry_known, "color": volume.is_color,
-                      "bag": _bag_settings(volume, config), "geometry_columns": list(bag.columns)},
-        "config": config.resolved(), "slidepipe_version": __version__,
-    }
-
-
-def write_store(path: Path, key: str, bag: Bag, features: np.ndarray,
-                attributes: dict[str, Any], config: RadiologyConfig) -> None:
-    """Write ``features`` and the bag's geometry into a complete feature store at ``path``."""
-    writer = FeatureStoreWriter.open(path, key=key, coords=bag.coords,
-                                     feature_dim=features.shape[1], chunk_rows=config.chunk_rows,
-                                     dtype=config.dtype, attributes=attributes)
-    group = zarr.open_group(path, mode="a", zarr_format=3)
-    geometry = group.create_array(GEOMETRY, data=bag.geometry, overwrite=True)
-    geometry.attrs["columns"] = list(bag.columns)
-    for index in writer.pending_chunks():
-        writer.write_chunk(index, features[writer.chunk_slice(index)])
-    writer.finalize()
+    def stage_interrupted(self, stage: str) -> None:
+        self.result.error = f"{self.study.label}: stopped before it finished"
+        self._done()
 
 
 def extract_studies(studies: list[StudyInput], config: RadiologyConfig, out: Path,
                     keys: StudyKeys, on_study: Callable[[StudyResult], None] | None = None,
-                    overwrite: bool = False) -> list[StudyResult]:
-    """Extract every study's features into ``out``; never raises for one bad study."""
-    backbone = load_backbone(config.backbone)
-    embedder = Embedder(backbone)
-    results = []
-    for study in studies:
-        started = time.perf_counter()
-        result = StudyResult(study_id="")
-        try:
-            volume = read_study(study, config, keys)
-            result.study_id, result.modality = volume.study_id, volume.modality
-            result.kind = volume.kind
-            bag = build_bag(volume, config.volume, config.image, config.window)
-            result.instances = len(bag)
-            path = store_path(out, volume.study_id, backbone.spec.name)
-            key = study_key(volume, backbone, config)
-            result.store = str(path)
-            if not len(bag):
-                result.status, result.error = "empty", "no foreground patch in the image"
-            elif not overwrite and store_status(path, key) == "complete":
-                result.status = "cached"
-            else:
-                features = embedder(bag.images)
-                write_store(path, key, bag, features,
-                            _attributes(volume, bag, backbone, config), config)
-                result.status = "ok"
-        except (RadiologyError, FeatureStoreError, ValueError, OSError) as error:
-            log.warning("%s: %s", study.label, error, exc_info=True)
-            result.error = f"{study.label}: {error}"
-        result.seconds = round(time.perf_counter() - started, 3)
-        results.append(result)
-        if on_study is not None:
-            on_study(result)
+                    overwrite: bool = False,
+                    announce: Callable[[str], None] = log.info) -> list[StudyResult]:
+    """Extract every study's features into ``out`` as one Dask graph on ``config.cluster``;
+    never raises for one bad study. Results are in the order of ``studies``; ``on_study``
+    hears each as it ends, ``announce`` the line naming the cluster."""
+    setup = RadiologySetup.create(config, out, keys, overwrite)
+    results = [StudyResult(study_id="") for _ in studies]
+    works = [SlideWork(f"input{index:05d}", StudyExtraction(study, setup, ("extract",)).start,
+                       _StudyEvents(study, result, on_study))
+             for index, (study, result) in enumerate(zip(studies, results, strict=True))]
+    if works:
+        with dask_client(config.cluster, announce) as client:
+            ArchiveFlow(client).run(works)
     return results

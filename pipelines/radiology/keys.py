@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from pathlib import Path
 
-from ..heatmaps.pseudonyms import load_or_create_key
+from ..heatmaps.pseudonyms import check_outside, load_or_create_key
 
 #: Hex digits kept in a study pseudonym (48 bits).
 STUDY_DIGITS = 12
@@ -29,6 +29,14 @@ class StudyKeys:
     def from_file(cls, path: str | Path) -> StudyKeys:
         """Keys from the hex key file ``path`` (created, owner-readable only, when missing)."""
         return cls(load_or_create_key(Path(path)))
+
+    @classmethod
+    def for_output(cls, out: Path, key_file: Path | None = None) -> StudyKeys:
+        """The keys of the output folder ``out``: ``key_file``, else ``OUT-radiology.key``
+        beside ``out``; a key inside ``out`` is refused (PseudonymError)."""
+        path = key_file or out.absolute().parent / f"{out.name}-radiology.key"
+        check_outside(path, out)
+        return cls.from_file(path)
 
     def digest(self, purpose: str, value: str) -> bytes:
         """HMAC-SHA256 of ``value`` for ``purpose`` (separate domains never collide)."""

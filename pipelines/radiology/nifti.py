@@ -21,16 +21,9 @@ from .errors import NotVolumeFileError
 from .keys import StudyKeys
 from .volume import Volume
 
-#: Suffixes treated as nibabel inputs during discovery.
-NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr", ".nrrd")
 
-
-def is_nibabel_file(path: Path) -> bool:
-    """Whether ``path`` has a suffix of a format nibabel reads."""
-    return path.name.lower().endswith(NIBABEL_SUFFIXES)
-
-
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """SHA-256 (32 hex digits) of the file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -58,7 +51,7 @@ def read_nifti(path: Path, keys: StudyKeys, modality: str = "MR",
     data = np.asarray(canonical.get_fdata(dtype=np.float32))
     zooms = canonical.header.get_zooms()[:3]
     ras = axcodes2ornt(("R", "A", "S"))
-    content = _file_hash(path)
+    content = file_hash(path)
     return Volume(study_id=keys.study_id(f"file:{content}"), modality=modality.upper(),
                   kind="volume", array=np.ascontiguousarray(data.transpose(2, 1, 0)),
                   spacing=(float(zooms[2]), float(zooms[1]), float(zooms[0])),

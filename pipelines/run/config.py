@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..config import ConfigError, SlidepipeConfig
 from ..heatmaps.settings import HeatmapSettings
+from ..radiology.config import RadiologyConfig
 
 Stage = Literal["tile", "extract", "predict", "export"]
 STAGES: tuple[Stage, ...] = ("tile", "extract", "predict", "export")
@@ -115,6 +116,10 @@ class RunConfig(SlidepipeConfig):
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES),
                                 description="the stages to run, from tile on")
     heatmap: HeatmapSettings = HeatmapSettings()
+    radiology: RadiologyConfig = Field(
+        RadiologyConfig(), description="how radiology studies in the archive become bags "
+        "(modality, window, volume, image, dtype, key_file); their backbone and cluster are "
+        "the run's")
     run: RunOptions = RunOptions()
 
     @model_validator(mode="after")

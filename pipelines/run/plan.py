@@ -35,7 +35,8 @@ HEATMAPS_DIR = "heatmaps"
 HEATMAP_SUMMARY = "summary.json"
 
 
-def _digest(parts: Mapping[str, Any]) -> str:
+def key_digest(parts: Mapping[str, Any]) -> str:
+    """A stage key: 32 hex digits of the SHA-256 of ``parts`` as sorted JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()
                           ).hexdigest()[:32]
 
@@ -54,15 +55,21 @@ def stage_keys(slide: ArchiveSlide, inputs: KeyInputs) -> dict[str, str]:
     setup = inputs.extraction
     config = setup.config
     resolved = config.resolved()
-    tile = _digest({"slide": slide.slide_hash,
-                    "grid": {s: resolved[s] for s in GRID_SECTIONS},
-                    "mpp": given_mpp(slide.entry, config, setup.mpp_overrides)})
-    extract = _digest({"tile": tile,
-                       "features": features_key(slide.slide_hash, setup.backbone, config),
-                       "exports": [config.extraction.export_hdf5, config.extraction.export_pt]})
-    predict = _digest({"extract": extract, "model": inputs.model_hash})
-    export = _digest({"predict": predict, "heatmap": inputs.heatmap})
-    return {"tile": tile, "extract": extract, "predict": predict, "export": export}
+    tile = key_digest({"slide": slide.slide_hash,
+                       "grid": {s: resolved[s] for s in GRID_SECTIONS},
+                       "mpp": given_mpp(slide.entry, config, setup.mpp_overrides)})
+    extract = key_digest({"tile": tile,
+                          "features": features_key(slide.slide_hash, setup.backbone, config),
+                          "exports": [config.extraction.export_hdf5,
+                                      config.extraction.export_pt]})
+    return {"tile": tile, "extract": extract, **later_keys(extract, inputs)}
+
+
+def later_keys(extract: str, inputs: KeyInputs) -> dict[str, str]:
+    """The predict and export keys that follow from an extract key."""
+    predict = key_digest({"extract": extract, "model": inputs.model_hash})
+    return {"predict": predict, "export": key_digest({"predict": predict,
+                                                      "heatmap": inputs.heatmap})}
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ the expected grade for an ordinal one (list ``label_names`` from benign to most 
 from __future__ import annotations
 
 import csv
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
 from ..extract_worker import BackboneIdentity
-from ..mil_run import ensemble, predict_slides
+from ..mil_run import ensemble, ensemble_hash, predict_slides
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,16 @@ class ModelInfo:
                     or meta["feature_provenance"] != first["feature_provenance"]):
                 raise ConfigError(f"the models in {', '.join(map(str, model_paths))} disagree "
                                   "on classes or features; give models of one training run")
-        digest = hashlib.sha256("".join(h for _, _, h in models).encode()).hexdigest()[:16]
-        return cls(paths=tuple(map(str, model_paths)), model_hash=digest,
+        return cls(paths=tuple(map(str, model_paths)),
+                   model_hash=ensemble_hash([h for _, _, h in models]),
                    label_names=tuple(first["label_names"]), task=str(first.get("task", "")),
                    feature_provenance=dict(first["feature_provenance"]))
 
-    def check_features(self, backbone: BackboneIdentity, target_mpp: float | None,
-                       patch_size: int) -> None:
+    def check_features(self, backbone: BackboneIdentity,
+                       grids: Sequence[tuple[float | None, int]]) -> None:
         """Raise ConfigError when the run would extract features the model was not trained
-        on (another backbone, weights or grid)."""
+        on: another backbone or weights, or none of the run's ``grids`` (µm/px, patch size:
+        the slides' tiling, the radiology bags')."""
         wanted = self.feature_provenance
         problems = []
         if wanted.get("backbone") != backbone.name:
@@ -60,13 +61,16 @@ class ModelInfo:
         elif wanted.get("weights_hash") != backbone.weights_hash:
             problems.append(f"weights {wanted.get('weights_hash')}, not "
                             f"{backbone.weights_hash}")
-        if wanted.get("patch_size") != patch_size:
-            problems.append(f"patch size {wanted.get('patch_size')}, not {patch_size}")
-        if target_mpp is not None and wanted.get("target_mpp") not in (None, target_mpp):
-            problems.append(f"{wanted.get('target_mpp')} µm/px, not {target_mpp}")
+        if not any(wanted.get("patch_size") == size
+                   and (mpp is None or wanted.get("target_mpp") in (None, mpp))
+                   for mpp, size in grids):
+            problems.append(f"{wanted.get('target_mpp')} µm/px and patch size "
+                            f"{wanted.get('patch_size')}, not "
+                            + " or ".join(f"{mpp} µm/px and {size}" for mpp, size in grids))
         if problems:
             raise ConfigError(f"the model was trained on features with {'; '.join(problems)}; "
-                              "set the run config's backbone and tiling sections to match it")
+                              "set the run config's backbone and tiling (or radiology) "
+                              "sections to match it")
 
 
 def risk_score(probabilities: list[float]) -> float:

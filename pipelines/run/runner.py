@@ -2,8 +2,9 @@
 
 1. Take the output folder's lock; mark what a killed run left ``running`` as pending again and
    remove its temporary files.
-2. Load the backbone's and the model's identities (and check they match), discover the archive,
-   hash new or changed files, deduplicate, and decide per slide which stages to (re)do.
+2. Load the backbone's and the model's identities (and check they match), discover the archive
+   (slides, and radiology studies: :mod:`.studies`), hash new or changed files, deduplicate,
+   and decide per slide or study which stages to (re)do.
 3. Run every slide's chain as one Dask graph (:mod:`.flow`), recording each event in the
    database and the logs. ``max_runtime``, SIGTERM/SIGINT, a full disk or a cluster without
    workers stop it cleanly; what did not finish stays pending for the next run.
@@ -47,9 +48,12 @@ from .. import __version__
 from ..cli_common import EXIT_FATAL, EXIT_OK, EXIT_SLIDES_FAILED
 from ..cluster import dask_client
 from ..config import ConfigError
-from ..discovery import SlideEntry, discover_slides
+from ..discovery import SlideEntry, discover_inputs
 from ..extract import ExtractionSetup
 from ..feature_store._layout import sweep_partials
+from ..heatmaps.pseudonyms import PseudonymError
+from ..radiology import StudyInput, StudyKeys
+from ..radiology.extract import RadiologySetup
 from ..tile import describe_error, given_mpp, write_csv_atomic
 from .config import RunConfig
 from .database import RunDatabase, SlideRow
@@ -72,6 +76,14 @@ from .predict import ModelInfo
 from .recorder import RunRecorder
 from .report import RunFacts, build_report, write_report
 from .slides import RunSetup, RunSlide
+from .studies import (
+    RunStudy,
+    StudyInventory,
+    is_study,
+    study_output_checks,
+    study_stage_keys,
+    take_study_inventory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +193,23 @@ def _sweep_leftovers(out: Path, database: RunDatabase, setup: ExtractionSetup) -
     return removed
 
 
-def _inventory(config: RunConfig, database: RunDatabase) -> Inventory:
-    entries = discover_slides(config.archive)
-    if not entries:
-        raise ConfigError("no slides found in " + ", ".join(map(str, config.archive)))
-    inventory = take_inventory(entries, database.paths(), database.slides(),
+def _inventory(config: RunConfig, database: RunDatabase, out: Path
+               ) -> tuple[Inventory, dict[str, StudyInput], StudyKeys | None]:
+    """The archive's slides and studies (recorded in the database), the studies' inputs by
+    hash and their pseudonym keys (None without studies)."""
+    found = discover_inputs(config.archive)
+    if not found.slides and not found.studies:
+        raise ConfigError("no slides or studies found in " + ", ".join(map(str, config.archive)))
+    inventory = take_inventory(found.slides, database.paths(), database.slides(),
                                only=config.run.only, since=config.run.since)
+    try:
+        keys = StudyKeys.for_output(out, config.radiology.key_file) if found.studies else None
+    except PseudonymError as error:
+        raise ConfigError(str(error)) from error
+    studies = (take_study_inventory(found.studies, keys, only=config.run.only,
+                                    since=config.run.since) if keys is not None
+               else StudyInventory([], {}))
+    studies.add_to(inventory)
     database.drop_unreadable([path for s in inventory.slides if not s.error for path in s.paths],
                              UNREADABLE_PREFIX)
     database.record_slides(
@@ -194,20 +217,26 @@ def _inventory(config: RunConfig, database: RunDatabase) -> Inventory:
         [(path, s.slide_hash, signature) for s in inventory.slides
          for path, signature in zip(s.paths, s.signatures or ("",) * len(s.paths),
                                     strict=True)])
-    return inventory
+    return inventory, studies.inputs, keys
 
 
 def _plan(inventory: Inventory, config: RunConfig, database: RunDatabase, out: Path,
-          inputs: KeyInputs) -> tuple[list[SlidePlan], Counter[str]]:
+          inputs: KeyInputs, radiology: RadiologySetup | None
+          ) -> tuple[list[SlidePlan], Counter[str]]:
     rows = database.stages()
     present = output_checks(out, inputs.extraction)
+    studies_present = study_output_checks(out, radiology) if radiology is not None else {}
     plans: list[SlidePlan] = []
     reasons: Counter[str] = Counter()
     for slide in inventory.slides:
         slide_rows = rows.get(slide.slide_hash, {})
+        study = radiology is not None and is_study(slide.slide_hash)
+        keys = (study_stage_keys(slide, radiology, inputs) if study and radiology is not None
+                else stage_keys(slide, inputs))
         decision = (unreadable_plan(slide, slide_rows, config.run.retry_failed) if slide.error
-                    else decide(slide, stage_keys(slide, inputs), slide_rows, config.stages,
-                                present, config.run.retry_failed))
+                    else decide(slide, keys, slide_rows, config.stages,
+                                studies_present if study else present,
+                                config.run.retry_failed))
         if decision.plan is None:
             reasons[decision.reason] += 1
         else:
@@ -222,16 +251,21 @@ def _run(config: RunConfig, out: Path, database: RunDatabase, run_id: int, logs:
                  if pipeline.slides.mpp_overrides else None)
     extraction = ExtractionSetup.create(pipeline, out / SLIDES_DIR, overrides)
     model = ModelInfo.load(config.model) if "predict" in config.stages else None
+    radiology_config = config.radiology.model_copy(update={"backbone": pipeline.backbone,
+                                                           "cluster": pipeline.cluster})
     if model is not None:
-        model.check_features(extraction.backbone, pipeline.tiling.target_mpp,
-                             pipeline.tiling.patch_size)
+        model.check_features(extraction.backbone, [
+            (pipeline.tiling.target_mpp, pipeline.tiling.patch_size),
+            *radiology_config.bag_grids()])
     removed = _sweep_leftovers(out, database, extraction)
     if removed:
         log.info("removed %d temporary files left by a killed run", removed)
-    inventory = _inventory(config, database)
+    inventory, studies, keys = _inventory(config, database, out)
+    radiology = (RadiologySetup.create(radiology_config, out / SLIDES_DIR, keys)
+                 if keys is not None else None)
     inputs = KeyInputs(extraction=extraction, model_hash=model.model_hash if model else None,
                        heatmap=config.heatmap.model_dump(mode="json"))
-    plans, reasons = _plan(inventory, config, database, out, inputs)
+    plans, reasons = _plan(inventory, config, database, out, inputs, radiology)
     database.queue_stages(run_id, [(plan.slide.slide_hash, stage, plan.keys.get(stage, ""))
                                    for plan in plans for stage in plan.todo])
     archive = {"paths": inventory.found, "slides": len(inventory.slides),
@@ -247,7 +281,8 @@ def _run(config: RunConfig, out: Path, database: RunDatabase, run_id: int, logs:
           archive=archive, planned=planned)
     run_versions = versions(extraction, model)
     recorder = RunRecorder(database, run_id, logs, run_versions, say, len(plans))
-    setup = RunSetup(out=out, config=config, extraction=extraction, model=model)
+    setup = RunSetup(out=out, config=config, extraction=extraction, model=model,
+                     radiology=radiology, studies=studies)
     outcome, model_slots, flow_seconds = _process(plans, setup, recorder, database, say,
                                                   started)
     worklist = _write_worklist(database, run_id, setup, say) if outcome.stop_reason != \
@@ -289,8 +324,11 @@ def _process(plans: list[SlidePlan], setup: RunSetup, recorder: RunRecorder,
         if plan.slide.error:
             recorder.record_unreadable(plan)
             continue
-        slide = RunSlide(plan, setup, recorder.slide(plan), recorded.get(plan.slide.slide_hash))
-        works.append(slide.work())
+        arguments = (plan, setup, recorder.slide(plan), recorded.get(plan.slide.slide_hash))
+        study = setup.studies.get(plan.slide.slide_hash)
+        chain = (RunStudy(*arguments, study=study, radiology=setup.radiology)
+                 if study is not None and setup.radiology is not None else RunSlide(*arguments))
+        works.append(chain.work())
     if not works:
         return FlowOutcome(None, "", 0, 0), 0, 0.0
     options = setup.config.run
@@ -312,12 +350,14 @@ def _process(plans: list[SlidePlan], setup: RunSetup, recorder: RunRecorder,
 
 def _write_worklist(database: RunDatabase, run_id: int, setup: RunSetup,
                     say: Callable[[str], None]) -> Path | None:
-    """The HTML worklist of the slides exported by this run (None: none, or turned off)."""
+    """The HTML worklist of the slides exported by this run (None: none, or turned off);
+    radiology studies are not in it (their exports are PNG and NIfTI files)."""
     if not setup.config.run.html_worklist:
         return None
     slides = database.slides()
     exported = [h for h, rows in database.stages(run_id).items()
-                if rows.get("export") is not None and rows["export"].status == "done"]
+                if rows.get("export") is not None and rows["export"].status == "done"
+                and not is_study(h)]
     if not exported:
         return None
     extraction = setup.extraction

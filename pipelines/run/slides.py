@@ -4,11 +4,13 @@ plan says to start at. Runs on the client; the work itself is done by worker tas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..extract import ExtractionSetup, SlideExtraction
+from ..radiology import StudyInput
+from ..radiology.extract import RadiologySetup
 from ..tile import given_mpp
 from .config import RunConfig
 from .database import SlideRow
@@ -24,12 +26,15 @@ NO_TISSUE = {"reason": "no tissue"}
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What every slide of a run shares."""
+    """What every slide of a run shares; with radiology studies in the archive, their setup
+    and their inputs by hash."""
 
     out: Path
     config: RunConfig
     extraction: ExtractionSetup
     model: ModelInfo | None
+    radiology: RadiologySetup | None = None
+    studies: dict[str, StudyInput] = field(default_factory=dict)
 
 
 class RunSlide:
