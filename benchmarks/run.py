@@ -11,8 +11,11 @@ LocalCluster's start included):
 - the CPU-bound stages (``tile``, ``extract`` with the embedded EfficientNet-Lite0 on the CPU)
   with **1 Dask worker** and with **2 Dask workers**, each worker one process with one torch
   thread, so the ratio says how well the graph spreads slides over workers (target: 2 workers
-  at least 1.7x as fast as 1). The machine's default (1 worker using every core for torch) is
-  shown beside them for information;
+  at least 1.7x as fast as 1). The target is judged on the stages' own time, the run report's
+  ``flow_seconds``: from the moment the cluster is up to the last slide (the workers' imports
+  and model loads included). The run's wall time adds a fixed start (inventory and hashing,
+  the client's backbone identity, the LocalCluster's start: about 5 s), shown beside it. The
+  machine's default (1 worker using every core for torch) is shown for information;
 - the whole pipeline's throughput in slides per hour: the CPU-bound stages above plus
   ``predict`` and ``export`` (heatmaps and the HTML worklist) with an ABMIL model trained here
   on the 2-worker run's features (3 folds, a few epochs; its quality does not matter).
@@ -51,6 +54,11 @@ def _run(labels: Path, out: Path, cluster: dict[str, Any], **extra: Any) -> tupl
     return seconds, json.loads((out / "report.json").read_text())
 
 
+def _flow(report: dict) -> float:
+    """Seconds the run's stages took: from the cluster being up to the last slide."""
+    return float(report["run"]["flow_seconds"])
+
+
 def _patches(report: dict) -> int:
     return int(report["stages"].get("extract", {}).get("patches") or 0)
 
@@ -75,12 +83,15 @@ def main() -> None:
             out = root / name.split(" (")[0].replace(" ", "_")
             timings[name] = _run(labels, out, cluster, stages=CPU_STAGES)
             print(f"{name}: {timings[name][0]:.1f} s", flush=True)
-        one = timings["1 worker x 1 thread"][0]
-        rows = [[name, f"{seconds:.1f}", f"{n / seconds * 3600:.0f}",
-                 f"{_patches(report) / seconds:.1f}", f"{one / seconds:.2f}x"]
+        one_wall, one_report = timings["1 worker x 1 thread"]
+        one_flow = _flow(one_report)
+        rows = [[name, f"{seconds:.1f}", f"{_flow(report):.1f}",
+                 f"{n / seconds * 3600:.0f}", f"{_patches(report) / _flow(report):.1f}",
+                 f"{one_wall / seconds:.2f}x", f"{one_flow / _flow(report):.2f}x"]
                 for name, (seconds, report) in timings.items()]
         print("\ntile + extract (the CPU-bound stages)")
-        print_table(["configuration", "wall s", "slides/h", "patches/s", "vs 1 worker"], rows)
+        print_table(["configuration", "wall s", "stages s", "slides/h (wall)",
+                     "patches/s (stages)", "vs 1 worker (wall)", "vs 1 worker (stages)"], rows)
 
         features_run = root / "2_workers_x_1_thread"
         model = root / "model"
@@ -91,13 +102,14 @@ def main() -> None:
             "evaluation": {"n_bootstrap": 0}}), model)
         rest, _ = _run(labels, features_run, {"workers": 2, "torch_threads": 1},
                        model=[model])
-        cpu = timings["2 workers x 1 thread"][0]
+        cpu, two_report = timings["2 workers x 1 thread"]
         print(f"\nwhole pipeline (2 workers): tile + extract {cpu:.1f} s, predict + export "
               f"{rest:.1f} s → {n / (cpu + rest) * 3600:.0f} slides/h "
               f"({n} slides in {cpu + rest:.1f} s)\n")
-        speedup = one / cpu
+        speedup = one_flow / _flow(two_report)
         verdict("2 Dask workers over 1 on the CPU-bound stages", speedup >= TARGET_SPEEDUP,
-                f"{speedup:.2f}x (target >= {TARGET_SPEEDUP}x)")
+                f"{speedup:.2f}x on the stages' time, {one_wall / cpu:.2f}x on the wall "
+                f"time (target >= {TARGET_SPEEDUP}x)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -63,3 +63,13 @@ def content_hash(path: str | Path) -> str:
     for file in [path] if is_url(path) else slide_files(path):
         _update_with_file(digest, file)
     return f"{HASH_VERSION}-{digest.hexdigest()[:32]}"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (64 hex digits) of every byte of a local file, read in 1 MiB blocks (for files
+    that must be identified exactly, such as a radiology study's instances)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -17,6 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from wsi.fingerprint import file_sha256
+
 from ._layout import SCHEMA, fsync_path, to_jsonable, utc_now
 from .errors import FeatureStoreError
 from .reader import FeatureStore, open_features
@@ -101,14 +103,6 @@ def _rows(dataset: h5py.Dataset, rows: slice) -> np.ndarray:
     return np.asarray(dataset[0, rows] if dataset.ndim == 3 else dataset[rows])
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _integral_coords(raw: np.ndarray, source: Path) -> np.ndarray:
     coords = np.asarray(raw).reshape(-1, 2)
     if coords.size and not np.issubdtype(coords.dtype, np.integer):
@@ -130,7 +124,7 @@ def import_h5(h5_path: str | Path, store_path: str | Path, *, backbone: str,
     under ``grid``; ``attributes`` are added on top.
     """
     source = Path(h5_path)
-    source_hash = _file_sha256(source)
+    source_hash = file_sha256(source)
     key = hashlib.sha256(f"import|{source_hash}|{backbone}".encode()).hexdigest()
     with h5py.File(source, "r") as handle:
         for name in ("features", "coords"):

@@ -9,7 +9,6 @@ the study (attention) are written back on the input's own grid with the input's 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import nibabel as nib
@@ -17,18 +16,11 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
+from wsi.fingerprint import file_sha256
+
 from .errors import NotVolumeFileError
 from .keys import StudyKeys
 from .volume import Volume
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 (32 hex digits) of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:32]
 
 
 def read_nifti(path: Path, keys: StudyKeys, modality: str = "MR",
@@ -51,7 +43,7 @@ def read_nifti(path: Path, keys: StudyKeys, modality: str = "MR",
     data = np.asarray(canonical.get_fdata(dtype=np.float32))
     zooms = canonical.header.get_zooms()[:3]
     ras = axcodes2ornt(("R", "A", "S"))
-    content = file_hash(path)
+    content = file_sha256(path)[:32]
     return Volume(study_id=keys.study_id(f"file:{content}"), modality=modality.upper(),
                   kind="volume", array=np.ascontiguousarray(data.transpose(2, 1, 0)),
                   spacing=(float(zooms[2]), float(zooms[1]), float(zooms[0])),

@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi.fingerprint import file_sha256
+
 from ..discovery import is_nibabel_file
 from .config import SLICE_MODALITIES, RadiologyConfig
 from .dicom import DicomStudy, dicom_identity, find_dicom_studies, read_dicom_study, read_header
 from .errors import NotVolumeFileError, RadiologyError
 from .keys import StudyKeys
-from .nifti import file_hash, read_nifti
+from .nifti import read_nifti
 from .volume import Volume
 
 
@@ -90,6 +92,6 @@ def study_identity(study: StudyInput) -> str:
     if study.error is not None:
         raise NotVolumeFileError(study.error)
     if study.nifti is not None:
-        return f"file:{file_hash(study.nifti)}"
+        return f"file:{file_sha256(study.nifti)[:32]}"
     assert study.dicom is not None
     return dicom_identity(read_header(study.dicom.files[0]), study.dicom.volumetric)

@@ -136,6 +136,7 @@ def build_report(database: RunDatabase, facts: RunFacts) -> dict[str, Any]:
                 "command": this.command if this else None,
                 "versions": this.versions if this else None,
                 "wall_seconds": round(facts.wall_seconds, 3),
+                "flow_seconds": round(facts.flow_seconds, 3),
                 "model_busy_fraction": round(model_busy, 3) if model_busy is not None
                 else None},
         "archive": facts.archive, "planned": facts.planned, "this_run": facts.outcomes,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi.atomic import write_json_atomic
+from wsi.fingerprint import file_sha256
 
 from ..discovery import SlideEntry
 from ..extract_worker import store_path
@@ -48,17 +49,9 @@ def is_study(slide_hash: str) -> bool:
     return slide_hash.startswith(STUDY_HASH_PREFIX)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def study_hash(study: StudyInput) -> str:
     """The study's content hash (see the module docstring)."""
-    digests = sorted(_file_digest(path) for path in study.files)
+    digests = sorted(file_sha256(path) for path in study.files)
     return STUDY_HASH_PREFIX + hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
 
 
