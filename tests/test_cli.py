@@ -129,3 +129,14 @@ def test_default_yaml_documents_the_built_in_defaults(repo_root: Path) -> None:
     from pipelines.config import load_config
 
     assert load_config(repo_root / "configs" / "default.yaml") == load_config(None)
+
+
+def test_nightly_example_is_a_valid_run_config(repo_root: Path) -> None:
+    from pipelines.run.config import load_run_config
+
+    config = load_run_config(repo_root / "configs" / "nightly.example.yaml")
+    assert config.archive == [Path("/archive/pathology/slides")]
+    assert config.out == Path("/data/slidepipe/nightly")
+    assert config.stages == ["tile", "extract", "predict", "export"]
+    assert config.run.max_runtime == 10 * 3600 and config.run.slide_timeout == 2 * 3600
+    assert config.heatmap.threshold == 0.65 and config.backbone.name == "efficientnet_lite0"

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from nibabel.testing import data_path
 from pydicom.data import get_testdata_file
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, pixel_array
 
 from pipelines.radiology import (
     RadiologyConfig,
@@ -63,12 +63,13 @@ def write_series(folder: Path, count: int, step_mm: float = 5.0, order: list[int
     for slot, k in enumerate(order or list(range(count))):
         ds = pydicom.dcmread(real("CT_small.dcm"))
         ds.ImagePositionPatient = [*base.ImagePositionPatient[:2],
-                                   float(base.ImagePositionPatient[2]) + k * step_mm]
+                                   round(float(base.ImagePositionPatient[2]) + k * step_mm, 4)]
         ds.InstanceNumber = k + 1
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(folder), str(k)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PixelData = (ds.pixel_array + 10 * k).astype(ds.pixel_array.dtype).tobytes()
+        raw = pixel_array(ds)
+        ds.PixelData = (raw + 10 * k).astype(raw.dtype).tobytes()
         path = folder / f"file{slot:02d}.dcm"
         ds.save_as(path)
         paths.append(path)
@@ -79,7 +80,7 @@ def test_ct_small_hounsfield_units_and_geometry() -> None:
     ds = pydicom.dcmread(real("CT_small.dcm"))
     volume = read(real("CT_small.dcm"))
     assert volume.modality == "CT" and volume.kind == "volume" and volume.shape == (1, 128, 128)
-    np.testing.assert_array_equal(volume.array[0], apply_modality_lut(ds.pixel_array, ds))
+    np.testing.assert_array_equal(volume.array[0], apply_modality_lut(pixel_array(ds), ds))
     assert volume.array.min() < -800  # lung air in HU after the -1024 intercept
     assert volume.spacing == (float(ds.SliceThickness), *map(float, ds.PixelSpacing))
     lps_origin = np.asarray(ds.ImagePositionPatient, dtype=float)
@@ -92,10 +93,10 @@ def test_ct_small_hounsfield_units_and_geometry() -> None:
 def test_mr_small_values_and_file_window_match_pydicom() -> None:
     ds = pydicom.dcmread(real("MR_small.dcm"))
     volume = read(real("MR_small.dcm"))
-    np.testing.assert_array_equal(volume.array[0], ds.pixel_array.astype(np.float32))
+    np.testing.assert_array_equal(volume.array[0], pixel_array(ds).astype(np.float32))
     assert volume.window == (float(ds.WindowCenter), float(ds.WindowWidth))
     low, high = -(2.0**15), 2.0**15 - 1  # pydicom's output range for signed 16 bits
-    expected = (apply_voi_lut(ds.pixel_array, ds) - low) / (high - low) * 255
+    expected = (apply_voi_lut(pixel_array(ds), ds) - low) / (high - low) * 255
     assert np.abs(to_uint8(volume, volume.array[0], "file") - expected).max() <= 1.0
 
 
@@ -124,7 +125,7 @@ def test_jpeg_baseline_cine_ultrasound_is_rgb() -> None:
     assert volume.array.shape == (int(ds.NumberOfFrames), ds.Rows, ds.Columns, 3)
     region = ds.SequenceOfUltrasoundRegions[0]
     assert volume.spacing[2] == pytest.approx(float(region.PhysicalDeltaX) * 10)
-    np.testing.assert_array_equal(volume.array, ds.pixel_array)
+    np.testing.assert_array_equal(volume.array, pixel_array(ds))
 
 
 def test_enhanced_multiframe_ct_uses_per_frame_geometry() -> None:
@@ -138,7 +139,7 @@ def test_enhanced_multiframe_ct_uses_per_frame_geometry() -> None:
     first = int(np.argmin(positions @ normal))
     np.testing.assert_allclose(volume.affine[:3, 3], positions[first] * [-1, -1, 1])
     assert volume.spacing[0] == pytest.approx(float(np.ptp(positions @ normal)))
-    raw = ds.pixel_array[np.argsort(positions @ normal)]
+    raw = pixel_array(ds)[np.argsort(positions @ normal)]
     np.testing.assert_array_equal(volume.array, raw.astype(np.float32) - 1024.0)  # per-frame HU
 
 
@@ -146,7 +147,7 @@ def test_monochrome1_radiograph_is_inverted() -> None:
     ds = pydicom.dcmread(real("RG1_UNCR.dcm"))
     volume = read(real("RG1_UNCR.dcm"), spacing=0.2)
     assert ds.PhotometricInterpretation == "MONOCHROME1" and volume.modality == "CR"
-    np.testing.assert_array_equal(volume.array[0], (2**ds.BitsStored - 1) - ds.pixel_array)
+    np.testing.assert_array_equal(volume.array[0], (2**ds.BitsStored - 1) - pixel_array(ds))
     assert volume.window == (2**ds.BitsStored - 1 - float(ds.WindowCenter),
                              float(ds.WindowWidth))
 
@@ -155,7 +156,7 @@ def test_voi_lut_sequence_matches_pydicom() -> None:
     ds = pydicom.dcmread(real("vlut_04.dcm"))
     volume = read(real("vlut_04.dcm"), spacing=1.0)
     bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-    expected = np.round(apply_voi_lut(ds.pixel_array, ds) / (2**bits - 1) * 255)
+    expected = np.round(apply_voi_lut(pixel_array(ds), ds) / (2**bits - 1) * 255)
     np.testing.assert_array_equal(to_uint8(volume, volume.array[0], "file"), expected)
 
 
@@ -164,7 +165,7 @@ def test_ct_presets_follow_dicom_linear_windowing() -> None:
     volume = read(real("693_UNCR.dcm"))
     for name, (centre, width) in PRESETS.items():
         ds.WindowCenter, ds.WindowWidth = centre, width
-        hu = apply_modality_lut(ds.pixel_array, ds)
+        hu = apply_modality_lut(pixel_array(ds), ds)
         reference = apply_windowing(hu, ds)  # pydicom maps to the rescaled stored range
         slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         low = -(2.0 ** (ds.BitsStored - 1)) * slope + intercept
@@ -193,7 +194,7 @@ def test_nifti_is_reoriented_to_ras_with_spacing_kept() -> None:
 
 def test_shuffled_series_is_reassembled_in_patient_order(tmp_path: Path) -> None:
     write_series(tmp_path / "series", 6, order=[3, 0, 5, 1, 4, 2])
-    base = apply_modality_lut(pydicom.dcmread(real("CT_small.dcm")).pixel_array,
+    base = apply_modality_lut(pixel_array(pydicom.dcmread(real("CT_small.dcm"))),
                               pydicom.dcmread(real("CT_small.dcm")))
     volume = read(tmp_path / "series")
     assert volume.shape == (6, 128, 128) and volume.spacing[0] == pytest.approx(5.0)
@@ -312,7 +313,7 @@ def test_deidentification_basic_profile_with_consistent_uids(tmp_path: Path) -> 
         assert clean.SOPClassUID == ds.SOPClassUID
         assert clean.SOPInstanceUID != ds.SOPInstanceUID
         assert clean.file_meta.MediaStorageSOPInstanceUID == clean.SOPInstanceUID
-        np.testing.assert_array_equal(clean.pixel_array, ds.pixel_array)
+        np.testing.assert_array_equal(pixel_array(clean), pixel_array(ds))
         text = str(clean)
         assert "CompressedSamples" not in text and ds.StudyInstanceUID not in text
     assert cleaned[0].StudyInstanceUID == cleaned[1].StudyInstanceUID == again.StudyInstanceUID

@@ -29,7 +29,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from .errors import (
     DecodeError,
@@ -130,7 +130,9 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         raise NoPixelDataError(f"{path} has no pixel data (SOP class "
                                f"{ds.get('SOPClassUID', 'unknown')}); it is not an image")
     try:
-        pixels = ds.pixel_array
+        # the function, not Dataset.pixel_array: the property fails once a library (wsidicomizer)
+        # has switched pydicom to its future behaviour
+        pixels = pixel_array(ds)
     except Exception as error:  # pydicom raises many types for codec and data problems
         raise DecodeError(f"{path}: cannot decode its pixel data ({type(error).__name__}: "
                           f"{error}); install the pylibjpeg plugins for compressed transfer "
