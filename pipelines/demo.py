@@ -37,7 +37,7 @@ from .mil_report import evaluate_run
 from .mil_run import MILRunConfig, load_checkpoint, store_path, train_run
 from .run.config import RunConfig
 from .run.runner import RunResult, run_archive
-from .synthetic import LESIONS_SUFFIX, make_cohort
+from .synthetic import LABEL_NAMES, LESIONS_SUFFIX, make_cohort
 
 DEMO_SLIDES = 16
 DEMO_SIZE = 6144
@@ -75,7 +75,8 @@ def generate_demo_cohort(out: Path, n_slides: int = DEMO_SLIDES,
     labels CSV, which doubles as the manifest of the run."""
     folder = out / "cohort"
     labels, stamp = folder / "labels.csv", folder / "cohort.json"
-    wanted = {"n_slides": n_slides, "size": list(size), "seed": DEMO_SEED}
+    wanted = {"n_slides": n_slides, "size": list(size), "seed": DEMO_SEED,
+              "labels": list(LABEL_NAMES)}
     if labels.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return labels
     labels = make_cohort(folder, n_slides, size=size, seed=DEMO_SEED)
@@ -106,7 +107,7 @@ def run_demo(out: Path, n_slides: int = DEMO_SLIDES, size: int = DEMO_SIZE,
     backbone = extraction.backbone.name
     mil = MILRunConfig.model_validate({
         "labels": labels, "features": run_dir / "slides", "backbone": backbone,
-        "cv": {"folds": folds, "seed": DEMO_SEED},
+        "label_names": list(LABEL_NAMES), "cv": {"folds": folds, "seed": DEMO_SEED},
         "train": DEMO_TRAINING, "evaluation": {"n_bootstrap": 500}})
     if _trained(model_dir, mil):
         say(f"    (the model in {model_dir} was trained with these settings; reused)")

@@ -28,7 +28,7 @@ def test_demo_runs_every_stage(small_demo: tuple[Path, str]) -> None:
     out, output = small_demo
     with open(out / "cohort" / "labels.csv", newline="") as handle:
         labels = {r["slide_id"]: r["label"] for r in csv.DictReader(handle)}
-    assert len(labels) == 6 and sorted(labels.values()) == ["0"] * 3 + ["1"] * 3
+    assert len(labels) == 6 and sorted(labels.values()) == ["negative"] * 3 + ["positive"] * 3
     with open(out / "run" / "predictions.csv", newline="") as handle:
         predictions = {r["slide_id"]: r for r in csv.DictReader(handle)}
     assert predictions.keys() == labels.keys()

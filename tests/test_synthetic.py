@@ -262,7 +262,7 @@ def test_make_cohort_writes_labelled_openable_slides(tmp_path: Path) -> None:
     with open(labels, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["slide_id", "patient_id", "label", "path"]
-    assert sorted(row["label"] for row in rows) == ["0", "0", "1", "1"]
+    assert sorted(row["label"] for row in rows) == ["negative"] * 2 + ["positive"] * 2
     assert len({row["patient_id"] for row in rows}) == 4
     for row in read_labels(labels):
         path = Path(row["path"])
@@ -271,7 +271,7 @@ def test_make_cohort_writes_labelled_openable_slides(tmp_path: Path) -> None:
             assert slide.dimensions == (1024, 768)
             assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
         geojson = path.with_name(f"{row['slide_id']}{LESIONS_SUFFIX}")
-        if row["label"] == "1":
+        if row["label"] == "positive":
             polygons = read_polygons(geojson)
             assert 1 <= len(polygons) <= 3
             assert all(p.bounds[0] > 0 and p.bounds[2] < 1024 for p in polygons)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 from .cohort import (
     DOWNSAMPLES,
+    LABEL_NAMES,
     LABELS_CSV,
     LESIONS_SUFFIX,
     cohort_specs,
@@ -55,6 +56,7 @@ from .tissue import SyntheticTissue
 __all__: Sequence[str] = [
     "DOWNSAMPLES",
     "LABELS_CSV",
+    "LABEL_NAMES",
     "LESIONS_SUFFIX",
     "Lesion",
     "PeriodicNoise",

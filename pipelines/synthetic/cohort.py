@@ -27,6 +27,9 @@ DOWNSAMPLES: Final = (1, 4, 16)
 #: Name of the cohort table written by :func:`make_cohort`.
 LABELS_CSV: Final = "labels.csv"
 
+#: Class names of the cohort's labels, in index order (a slide with lesions is ``positive``).
+LABEL_NAMES: Final = ("negative", "positive")
+
 #: Suffix of the per-slide lesion annotation file (``<slide_id>.lesions.geojson``).
 LESIONS_SUFFIX: Final = ".lesions.geojson"
 
@@ -101,9 +104,10 @@ def make_cohort(folder: str | Path, n_slides: int = 8, *, size: tuple[int, int] 
                 workers: int = 1) -> Path:
     """Write a labelled synthetic cohort into ``folder`` and return its ``labels.csv``.
 
-    ``labels.csv`` has columns ``slide_id, patient_id, label, path`` (label 1 = has lesions, one
-    patient per slide, ``path`` relative to the CSV's folder as manifests are read) and is
-    written last, atomically, so its presence means the cohort is complete. Every positive
+    ``labels.csv`` has columns ``slide_id, patient_id, label, path`` (label ``positive`` = has
+    lesions, else ``negative``; one patient per slide; ``path`` relative to the CSV's folder as
+    manifests are read) and is written last, atomically, so its presence means the cohort is
+    complete. Every positive
     slide also gets ``<slide_id>.lesions.geojson`` beside it: its lesion outlines as QuPath
     annotations of class ``Tumor`` in level-0 pixels. The same arguments always write the same
     pixels and files; ``workers`` > 1 writes slides in that many processes.
@@ -123,7 +127,8 @@ def make_cohort(folder: str | Path, n_slides: int = 8, *, size: tuple[int, int] 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["slide_id", "patient_id", "label", "path"])
     for index, (spec, path) in enumerate(zip(specs, paths, strict=True)):
-        writer.writerow([spec.slide_id, f"patient_{index:03d}", spec.label, path.name])
+        writer.writerow([spec.slide_id, f"patient_{index:03d}", LABEL_NAMES[spec.label],
+                         path.name])
     labels = out / LABELS_CSV
     write_text_atomic(labels, buffer.getvalue())
     return labels
