@@ -44,11 +44,11 @@ from .extract_worker import (
     store_path,
 )
 from .feature_store import open_features, store_status
-from .run.flow import (
+from .run.flow import ArchiveFlow
+from .run.steps import (
     EMBEDDING,
     FINISHING,
     STARTING,
-    ArchiveFlow,
     Failure,
     Next,
     SlideWork,

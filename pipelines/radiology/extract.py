@@ -23,10 +23,10 @@ from typing import Any
 from ..backbones import load_backbone
 from ..cluster import dask_client, default_torch_threads, default_workers
 from ..extract_worker import BackboneIdentity
-from ..run.flow import (
+from ..run.flow import ArchiveFlow
+from ..run.steps import (
     EMBEDDING,
     STARTING,
-    ArchiveFlow,
     Failure,
     Next,
     SlideWork,

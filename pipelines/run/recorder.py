@@ -13,9 +13,9 @@ from typing import Any
 
 from ..extract_worker import ChunkResult
 from .database import RunDatabase
-from .flow import Failure, StageOutcome
 from .logs import RunLogs, event
 from .plan import SlidePlan
+from .steps import Failure, StageOutcome
 
 #: How a slide ended in this run: done (all its stages), failed, quarantined, interrupted.
 OUTCOMES = ("done", "failed", "quarantined", "interrupted")

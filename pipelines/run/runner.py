@@ -58,7 +58,7 @@ from ..tile import describe_error, given_mpp, write_csv_atomic
 from .config import RunConfig
 from .database import RunDatabase, SlideRow
 from .export import WorklistSlide, write_worklist
-from .flow import ArchiveFlow, FlowLimits, FlowOutcome
+from .flow import ArchiveFlow
 from .inventory import UNREADABLE_PREFIX, Inventory, take_inventory
 from .lock import RunLock
 from .logs import RunLogs, event
@@ -76,6 +76,7 @@ from .predict import ModelInfo
 from .recorder import RunRecorder
 from .report import RunFacts, build_report, write_report
 from .slides import RunSetup, RunSlide
+from .steps import FlowLimits, FlowOutcome
 from .studies import (
     RunStudy,
     StudyInventory,

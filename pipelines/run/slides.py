@@ -15,10 +15,10 @@ from ..tile import given_mpp
 from .config import RunConfig
 from .database import SlideRow
 from .export import ExportJob, export_slide_heatmaps, prediction_of
-from .flow import FINISHING, Next, SlideWork, StageOutcome, Step, Task
 from .plan import HEATMAPS_DIR, PREDICTION_NAME, SlidePlan
 from .predict import ModelInfo, PredictJob, predict_slide
 from .recorder import SlideRecorder
+from .steps import FINISHING, Next, SlideWork, StageOutcome, Step, Task
 
 FEATURE_STAGES = ("tile", "extract")
 NO_TISSUE = {"reason": "no tissue"}

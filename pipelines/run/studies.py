@@ -34,10 +34,10 @@ from ..radiology import RadiologyConfig, RadiologyError, StudyInput, StudyKeys, 
 from ..radiology.exports import export_study, study_attention
 from ..radiology.extract import RadiologySetup, StudyExtraction
 from ..radiology.studies import discover_studies, study_identity
-from .flow import FINISHING, Next, StageOutcome, Step, Task
 from .inventory import UNREADABLE_PREFIX, ArchiveSlide, Inventory
 from .plan import HEATMAP_SUMMARY, HEATMAPS_DIR, PREDICTION_NAME, KeyInputs, key_digest, later_keys
 from .slides import RunSlide
+from .steps import FINISHING, Next, StageOutcome, Step, Task
 
 STUDY_HASH_PREFIX = "rad1-"
 #: Sections of the radiology configuration that shape a study's bag.
