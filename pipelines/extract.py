@@ -55,6 +55,7 @@ from .run.steps import (
     StageOutcome,
     Step,
     Task,
+    continue_after,
 )
 from .tile import grid_folder_is_current
 
@@ -156,12 +157,6 @@ class SlideExtraction:
         return Next(step=Step(stage, [Task(prepare_slide, job, "cpu", "tile", STARTING)],
                               self._prepared))
 
-    def _continue_after(self, finished: list[StageOutcome]) -> Next:
-        if self.after is None:
-            return Next(finished)
-        following = self.after()
-        return Next(finished + following.finished, following.step)
-
     def _prepared(self, results: list[Any]) -> Next:
         prepared: PreparedSlide = results[0]
         self.prepared = prepared
@@ -169,12 +164,12 @@ class SlideExtraction:
         if "tile" in self.stages:
             finished.append(StageOutcome("tile", "done", tiling_detail(prepared)))
         if "extract" not in self.stages:
-            return self._continue_after(finished)
+            return continue_after(finished, self.after)
         if prepared.cached:
             finished.append(StageOutcome("extract", "done", {
                 "patches": prepared.patches, "cached": True, "store": prepared.store,
                 "no_tissue": prepared.patches == 0}))
-            return self._continue_after(finished)
+            return continue_after(finished, self.after)
         if prepared.chunks:
             self._patches_done = prepared.patches - sum(len(c.coords) for c in prepared.chunks)
             tasks = [Task(run_chunk, chunk, "model", f"chunk {chunk.chunk}", EMBEDDING)
@@ -198,9 +193,9 @@ class SlideExtraction:
     def _finalized(self, results: list[Any]) -> Next:
         patches: int = results[0]
         assert self.prepared is not None
-        return self._continue_after([StageOutcome("extract", "done", {
+        return continue_after([StageOutcome("extract", "done", {
             "patches": patches, "cached": False, "store": self.prepared.store,
-            "no_tissue": patches == 0})])
+            "no_tissue": patches == 0})], self.after)
 
 
 class _ExtractEvents:

@@ -33,6 +33,7 @@ from ..run.steps import (
     StageOutcome,
     Step,
     Task,
+    continue_after,
 )
 from .config import RadiologyConfig
 from .keys import StudyKeys
@@ -111,12 +112,6 @@ class StudyExtraction:
         return Next(step=Step(stage, [Task(prepare_study, job, "cpu", "bag", STARTING)],
                               self._prepared))
 
-    def _continue_after(self, finished: list[StageOutcome]) -> Next:
-        if self.after is None:
-            return Next(finished)
-        following = self.after()
-        return Next(finished + following.finished, following.step)
-
     def _prepared(self, results: list[Any]) -> Next:
         prepared: PreparedStudy = results[0]
         self.prepared = prepared
@@ -126,11 +121,11 @@ class StudyExtraction:
                 "patches": prepared.instances, "no_tissue": prepared.instances == 0,
                 "modality": prepared.modality, "kind": prepared.kind}))
         if "extract" not in self.stages:
-            return self._continue_after(finished)
+            return continue_after(finished, self.after)
         if not prepared.bag_file:
             finished.append(StageOutcome("extract", "done",
                                          features_detail(prepared, prepared.cached)))
-            return self._continue_after(finished)
+            return continue_after(finished, self.after)
         config = self.setup.config
         assert prepared.attributes is not None
         job = EmbedJob(bag_file=prepared.bag_file, store=prepared.store, key=prepared.key,
@@ -143,8 +138,8 @@ class StudyExtraction:
 
     def _embedded(self, results: list[Any]) -> Next:
         assert self.prepared is not None
-        return self._continue_after([StageOutcome("extract", "done",
-                                                  features_detail(self.prepared, False))])
+        return continue_after([StageOutcome("extract", "done",
+                                            features_detail(self.prepared, False))], self.after)
 
 
 class _StudyEvents:

@@ -120,3 +120,12 @@ class FlowOutcome:
     message: str
     started: int
     interrupted: int
+
+
+def continue_after(finished: list[StageOutcome], after: Callable[[], Next] | None) -> Next:
+    """``finished``, followed by what ``after`` starts (the stages chained behind a slide's
+    extraction in a run), when there is something after."""
+    if after is None:
+        return Next(finished)
+    following = after()
+    return Next(finished + following.finished, following.step)
