@@ -16,6 +16,7 @@ from wsi import GridSettings, PatchQCSettings, TissueSettings
 
 from .backbones import BackboneConfig
 from .cluster import ClusterConfig
+from .settings_io import merge_settings, validation_problems
 from .stain import StainConfig
 
 
@@ -66,16 +67,6 @@ class SlidepipeConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> SlidepipeConfig:
     """Load ``path`` (or the built-in defaults, documented in ``configs/default.yaml``) and
@@ -91,13 +82,9 @@ def load_config(path: str | Path | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: a config must be a mapping of sections")
         data = loaded
-    cleaned = {section: {k: v for k, v in values.items() if v is not None}
-               for section, values in (overrides or {}).items()}
-    data = _merge(data, {k: v for k, v in cleaned.items() if v})
+    data = merge_settings(data, overrides or {})
     try:
         return SlidepipeConfig.model_validate(data)
     except ValidationError as error:
         where = str(source) if source else "config"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in error.errors())
-        raise ConfigError(f"{where}: {problems}") from error
+        raise ConfigError(f"{where}: {validation_problems(error)}") from error

@@ -42,6 +42,7 @@ from wsi.atomic import write_bytes_atomic, write_json_atomic
 from .config import ConfigError
 from .extract import backbone_tag
 from .feature_store import FeatureStoreError, open_features
+from .settings_io import validation_problems
 from .tile import write_csv_atomic
 
 #: Feature provenance a model must match to be applied to a store.
@@ -99,9 +100,7 @@ def load_mil_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read the config: {error}") from error
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in error.errors())
-        raise ConfigError(f"{path}: {problems}") from error
+        raise ConfigError(f"{path}: {validation_problems(error)}") from error
     base = path.parent
     return config.model_copy(update={
         "labels": config.labels if config.labels.is_absolute() else base / config.labels,

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mil.heatmap_scale import Normalisation, check_colormap
 
+from ..settings_io import validation_problems
+
 
 class HeatmapSettingsError(ValueError):
     """A heatmap config or override is invalid; the message names the file and the field."""
@@ -104,6 +106,5 @@ def load_heatmap_settings(path: str | Path | None = None,
     try:
         return HeatmapSettings.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"heatmap.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in error.errors())
-        raise HeatmapSettingsError(f"{path or 'heatmap settings'}: {problems}") from error
+        raise HeatmapSettingsError(f"{path or 'heatmap settings'}: "
+                                   f"{validation_problems(error, 'heatmap.')}") from error

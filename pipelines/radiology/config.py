@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..backbones import BackboneConfig
 from ..cluster import ClusterConfig
 from ..config import ConfigError
+from ..settings_io import merge_settings, validation_problems
 from .windowing import check_window
 
 Modality = Literal["auto", "ct", "mr", "cr", "dx", "us"]
@@ -83,24 +84,14 @@ class RadiologyConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"key_file", "cluster"})
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            base[key] = _merge(dict(base.get(key) or {}), value)
-        elif value is not None:
-            base[key] = value
-    return base
-
-
 def load_radiology_config(path: Path | None, overrides: dict[str, Any] | None = None
                           ) -> RadiologyConfig:
     """The YAML at ``path`` (or the defaults) with non-None ``overrides`` applied."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {} if path is not None else {}
-        return RadiologyConfig.model_validate(_merge(dict(data), overrides or {}))
+        return RadiologyConfig.model_validate(merge_settings(data, overrides or {}))
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read the config: {error}") from error
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in error.errors())
-        raise ConfigError(f"{path or 'radiology settings'}: {problems}") from error
+        raise ConfigError(f"{path or 'radiology settings'}: {validation_problems(error)}"
+                          ) from error

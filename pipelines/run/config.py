@@ -28,6 +28,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..config import ConfigError, SlidepipeConfig
 from ..heatmaps.settings import HeatmapSettings
 from ..radiology.config import RadiologyConfig
+from ..settings_io import merge_settings, validation_problems
 
 Stage = Literal["tile", "extract", "predict", "export"]
 STAGES: tuple[Stage, ...] = ("tile", "extract", "predict", "export")
@@ -143,20 +144,6 @@ class RunConfig(SlidepipeConfig):
             self.model_dump(include=set(SlidepipeConfig.model_fields)))
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        elif isinstance(value, dict):
-            merged[key] = _merge({}, value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a run config and apply ``overrides`` (nested dict; ``None`` values are ignored).
     Raises :class:`ConfigError` naming the file and the field."""
@@ -167,13 +154,11 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"{path}: cannot read the run config: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a mapping (archive, model, out, …)")
-    data = _merge(data, overrides or {})
+    data = merge_settings(data, overrides or {})
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
-                             for e in error.errors())
-        raise ConfigError(f"{path}: {problems}") from error
+        raise ConfigError(f"{path}: {validation_problems(error)}") from error
     base = path.parent
 
     def anchored(item: Path) -> Path:
