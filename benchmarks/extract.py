@@ -7,21 +7,25 @@ Patches/s for each backbone, the default ``efficientnet_lite0`` (embedded ImageN
 random weights run at the same speed), three ways:
 
 (a) slidepipe end to end: ``pipelines.extract.extract_archive`` in a fresh process, with the
-    default configuration (LocalCluster of one worker on a CPU-only machine, torch threads = all
-    cores, batch 64, 2 decode threads, chunks of 2048 patches, float16 zarr store plus the HDF5
-    export). The grids are made beforehand by ``tile_slide`` and copied in, so (a) measures
-    extraction, not tiling. The clock runs from the ``extract_archive`` call to its return:
-    the client's own model load, planning, LocalCluster start, the worker's imports and model
-    load, every chunk, finalising, exports and cluster shutdown (the process start and imports
-    before the call are shown, not counted). Each archive starts with the real
-    CMU-1-Small-Region (54 patches), so the first chunk to land carries the start-up; the chunks
-    after it give the steady rate, and start-up = time to the first chunk minus its patches at
-    the steady rate. The all-in rate (all patches / all of that time) is the figure the targets
-    use.
-(b) the ceiling: the same ``Embedder`` in a fresh process on real patches of the slide already
-    decoded into one uint8 array, fed in batches of the same size, same torch threads, after a
-    warm-up batch. Measured before and after (a); the mean of the two rates is used (only the
-    clean one when other processes took over 5 % of the CPUs during the other).
+    default configuration (on a CPU-only machine a LocalCluster of one single-threaded model
+    worker per core, ADR 0005; batch 64, 2 decode threads per task, chunks of 512 patches,
+    float16 zarr store plus the HDF5 export). The grids are made beforehand by ``tile_slide``
+    and copied in, so (a) measures extraction, not tiling. The clock runs from the
+    ``extract_archive`` call to its return: the client's own model load, planning, LocalCluster
+    start, the workers' imports and model loads, every chunk, finalising, exports and cluster
+    shutdown (the process start and imports before the call are shown, not counted). Each
+    archive starts with the real CMU-1-Small-Region (54 patches), so the first chunk to land
+    carries the start-up; the chunks after it give the steady rate, and start-up = time to the
+    first chunk minus its patches at the steady rate. The all-in rate (all patches / all of that
+    time) is the figure the targets use.
+(b) the ceiling: the same ``Embedder`` on real patches of the slide already decoded into one
+    uint8 array, fed in batches of the same size, after a warm-up batch, in fresh processes:
+    as many at once as slidepipe has model workers, each with a worker's torch threads, started
+    together once all are warm (patches/s = all their patches / time to the last one's end).
+    Where that layout is not one process using every core, that one is measured too, and the
+    ceiling is the faster of the two: the best the backbone alone does on this machine. Each
+    layout is measured before and after (a); the mean of the two rates is used (only the clean
+    one when other processes took over 5 % of the CPUs during the other).
 (c) CLAM's extractor, re-implemented: a ``torch.utils.data.DataLoader`` over a
     ``Whole_Slide_Bag_FP``-style dataset. Coordinates come from an HDF5 file made CLAM's way:
     its segmentation at the level nearest 64x (``tiling.clam_segment``, with ``a_t = 1`` so
@@ -31,30 +35,23 @@ random weights run at the same speed), three ways:
     from the HDF5 file, then ``openslide.OpenSlide.read_region(...).convert("RGB")``, then
     torchvision ``Resize(input size)``, ``ToTensor()``, ``Normalize(mean, std)``. The model is
     the same backbone in CLAM's form (fp32, NCHW, not channels-last), run under
-    ``torch.inference_mode()``; features are appended to an HDF5 file per batch.
-    ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with CUDA. Model
-    load and patching are not timed.
+    ``torch.inference_mode()`` with torch on every core; features are appended to an HDF5 file
+    per batch. ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with
+    CUDA. Model load and patching are not timed.
 
-One more ceiling, for information, splits the gap between (a) and (b): (b') is (b) in a process
-started with the environment a Dask nanny gives its workers
-(``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_=65536`` and one-thread
-OMP/MKL/OpenBLAS variables; torch's thread count is set explicitly, as the worker does). Both
-(a) and (b) run the ``Embedder``, which tunes glibc's allocator for CPU inference at run time
-(``pipelines.inference.tune_cpu_allocator``, ADR 0004), so (b') should equal (b).
-
-Peak RSS: the (a) processes of a small and a 4x larger resection-like slide (each after the
+Peak RSS: the (a) processes of a small and a 16x larger resection-like slide (each after the
 54-patch warm-up slide), as ``VmHWM`` from /proc (exact high-water marks): the client process,
-which also runs the scheduler and the nanny, read when ``extract_archive`` returns, and its
-descendants (the worker is the largest), polled every 0.2 s with the peak of the tree's summed
-RSS. (``getrusage`` would not do: ``ru_maxrss`` keeps the parent's high-water mark across fork
-and exec.)
+which also runs the scheduler and the nannies, read when ``extract_archive`` returns, and its
+descendants (the largest worker), polled every 0.2 s with the peak of the tree's summed RSS.
+(``getrusage`` would not do: ``ru_maxrss`` keeps the parent's high-water mark across fork and
+exec.)
 
-Slides: ``tests.builders.build_resection_svs`` at 10240² (768 patches) and 20480² (3024 patches,
-two chunks), cached in ``benchmarks/_data/``; real tissue, Aperio JPEG Q=70. efficientnet_lite0's
-(a) is the 20480² run (3078 patches with the warm-up slide). resnet50_trunc, 2.3x slower per
-patch, runs an archive of the warm-up slide and the 10240² slide twice (the second a hard link
-under another name): 1590 patches. (b) uses 512 / 256 patches, (b') and (c) half as
-many.
+Slides: ``tests.builders.build_resection_svs`` at 10240² (768 patches) and 40960² (11 888,
+the representative resection of benchmarks/README.md), cached in ``benchmarks/_data/``; real
+tissue, Aperio JPEG Q=70. (a) is the 40960² archive for both backbones (11 942 patches with the
+warm-up slide; a nightly run likewise pays its start-up once for an archive), and for
+efficientnet_lite0 also the 10240² one, the small slide of the RSS comparison. (b) uses 512 /
+256 patches per process, (c) half as many.
 
 Every step also reports the share of the CPUs that other processes (or the hypervisor) took
 meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is printed above 5 %.
@@ -62,14 +59,13 @@ meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is pri
 Targets: on a CPU, (a) ≥ 0.9 x (b) for both backbones; on a GPU (only when
 ``torch.cuda.is_available()``), (a) ≥ 0.9 x (b) and (a) ≥ 2 x (c); peak RSS of client and worker
 on the larger slide within 10 % of the smaller one. ``--quick``: 3072² and 6144² slides, 64
-patches, efficientnet_lite0 only, (b) once, no (b') (about a minute).
+patches, efficientnet_lite0 only, (b) only before (a) (about a minute).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -83,7 +79,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import cv2
-import dask
 import h5py
 import numpy as np
 import openslide
@@ -128,6 +123,7 @@ CLAM_SEG_DOWNSAMPLE = 64
 CLAM_CUDA_WORKERS = 8
 
 RESULT_MARK = "EXTRACT-BENCH-RESULT "
+READY_MARK = "EXTRACT-BENCH-READY"
 T = TypeVar("T")
 WARMUP_ID = "CMU-1-Small-Region"
 
@@ -172,15 +168,21 @@ def slidepipe_config(backbone: str, pretrained: bool) -> SlidepipeConfig:
 
 
 def child_main(spec: dict[str, Any]) -> int:
-    """In a fresh process: run (b) or one extraction; print the figures as one JSON line."""
+    """In a fresh process: run one (b) process or one extraction; print the figures as one
+    JSON line. A (b) process prints ``READY_MARK`` once warm and starts at a line on stdin."""
+    config = slidepipe_config(spec["backbone"], spec["pretrained"])
     if spec["mode"] == "ceiling":
         torch.set_num_threads(spec["threads"])
-        config = slidepipe_config(spec["backbone"], spec["pretrained"])
         patches = decoded_patches(Path(spec["slide"]), Path(spec["grid"]), spec["patches"])
-        print(RESULT_MARK + json.dumps({"seconds": ceiling_seconds(config, patches)}),
-              flush=True)
+        embedder = Embedder(load_backbone(config.backbone))
+        batch = config.backbone.batch_size
+        embedder(patches[:batch])
+        print(READY_MARK, flush=True)
+        sys.stdin.readline()
+        for first in range(0, len(patches), batch):
+            embedder(patches[first:first + batch])
+        print(RESULT_MARK + json.dumps({"end": time.time()}), flush=True)
         return 0
-    config = slidepipe_config(spec["backbone"], spec["pretrained"])
     entries = [SlideEntry(path=Path(path), slide_id=slide_id) for path, slide_id in
                spec["entries"]]
     marks: list[tuple[float, str, int]] = []
@@ -258,18 +260,25 @@ class SlideRun:
         return self.start - self.launched
 
 
-def run_child(label: str, spec: dict[str, Any], env: dict[str, str] | None = None
-              ) -> tuple[float, dict[str, Any]]:
+def child_command(spec: dict[str, Any]) -> list[str]:
+    """The command running this script with ``--child spec``."""
+    return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+
+
+def result_line(label: str, returncode: int | None, stdout: str, stderr: str) -> dict[str, Any]:
+    """The JSON report a child printed, or exit naming what failed."""
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if returncode != 0 or not lines:
+        raise SystemExit(f"{label}: the benchmark process failed ({returncode}):\n"
+                         f"{stdout[-3000:]}\n{stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def run_child(label: str, spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """(launch time, JSON report) of this script run with ``--child spec``."""
     launched = time.time()
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                           json.dumps(spec)], capture_output=True, text=True, check=False,
-                          env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{label}: the benchmark process failed ({done.returncode}):\n"
-                         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return launched, json.loads(lines[-1][len(RESULT_MARK):])
+    done = subprocess.run(child_command(spec), capture_output=True, text=True, check=False)
+    return launched, result_line(label, done.returncode, done.stdout, done.stderr)
 
 
 def run_slidepipe(label: str, backbone: str, pretrained: bool,
@@ -300,15 +309,44 @@ def run_slidepipe(label: str, backbone: str, pretrained: bool,
 
 
 # -- (b) the ceiling ---------------------------------------------------------------------------
-def ceiling_seconds(config: SlidepipeConfig, patches: np.ndarray) -> float:
-    """Seconds for the configured Embedder over ``patches`` in batches, after a warm-up."""
-    embedder = Embedder(load_backbone(config.backbone))
-    batch = config.backbone.batch_size
-    embedder(patches[:batch])
-    start = time.perf_counter()
-    for first in range(0, len(patches), batch):
-        embedder(patches[first:first + batch])
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Layout:
+    """How the backbone's processes share the machine: ``processes`` x ``threads`` torch
+    threads."""
+
+    processes: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.processes}x{self.threads}"
+
+
+def ceiling_rate(label: str, spec: dict[str, Any], layout: Layout) -> float:
+    """Patches/s of ``layout.processes`` (b) processes started together once all are warm."""
+    children = [subprocess.Popen(child_command({**spec, "threads": layout.threads}),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+                for _ in range(layout.processes)]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            if not any(line.startswith(READY_MARK) for line in child.stdout):
+                stdout, stderr = child.communicate()
+                result_line(label, child.returncode, stdout, stderr)
+        go = time.time()
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        ends = []
+        for child in children:
+            stdout, stderr = child.communicate()
+            ends.append(result_line(label, child.returncode, stdout, stderr)["end"])
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    return layout.processes * spec["patches"] / (max(ends) - go)
 
 
 # -- (c) CLAM's extractor, re-implemented -----------------------------------------------------
@@ -450,11 +488,6 @@ def decoded_patches(path: Path, grid_folder: Path, count: int) -> np.ndarray:
         return reader.read_batch(coords)
 
 
-def shown(value: float, spec: str) -> str:
-    """``value`` formatted, or a dash when it was not measured (NaN)."""
-    return "–" if math.isnan(value) else format(value, spec)
-
-
 def mib(size: int) -> str:
     """Bytes as MiB."""
     return f"{size / 2**20:.0f} MiB"
@@ -465,56 +498,34 @@ def loadavg() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def linked_copy(slide: BenchSlide, slide_id: str, work: Path, templates: Path) -> BenchSlide:
-    """The same slide under another name (a hard link, a copy where links fail) and its grid:
-    a second slide of an archive."""
-    path = work / f"{slide_id}{slide.path.suffix}"
-    try:
-        os.link(slide.path, path)
-    except OSError:
-        shutil.copyfile(slide.path, path)
-    shutil.copytree(templates / slide.slide_id, templates / slide_id)
-    return BenchSlide(path, slide_id, slide.patches, slide.tiling_seconds)
-
-
 @dataclass
 class BackboneResult:
     """(a), (b) and (c) of one backbone."""
 
     name: str
     run: SlideRun
-    ceiling: list[tuple[float, float]]
-    """(seconds, others' CPU share) of (b) measured before and after (a) (before only with
-    ``--quick``)."""
-    ceiling_worker_env: float | None
-    """Seconds of (b') (None with ``--quick``), scaled to ``patches``."""
+    ceilings: list[tuple[Layout, float, float]]
+    """(layout, patches/s, others' CPU share) of each (b), before and after (a) (before only
+    with ``--quick``)."""
     clam: float
-    patches: int
+    """(c) patches/s."""
+
+    def b_of(self, layout: Layout) -> float:
+        """The mean of ``layout``'s (b) rates, leaving out one measured while other processes
+        took more than ``NOISY_SHARE`` of the CPUs if another one was clean."""
+        rates = [(rate, share) for measured, rate, share in self.ceilings if measured == layout]
+        kept = [rate for rate, share in rates if share <= NOISY_SHARE] or [r for r, _ in rates]
+        return sum(kept) / len(kept)
+
+    @property
+    def layouts(self) -> list[Layout]:
+        """The layouts (b) was measured in, in order."""
+        return list(dict.fromkeys(layout for layout, _, _ in self.ceilings))
 
     @property
     def b(self) -> float:
-        """The mean of the rates before and after (a), leaving out one measured while other
-        processes took more than ``NOISY_SHARE`` of the CPUs if the other one was clean."""
-        clean = [seconds for seconds, share in self.ceiling if share <= NOISY_SHARE]
-        kept = clean or [seconds for seconds, _ in self.ceiling]
-        return sum(self.patches / seconds for seconds in kept) / len(kept)
-
-    @property
-    def b_env(self) -> float:
-        """(b') patches/s; NaN when not measured."""
-        if self.ceiling_worker_env is None:
-            return float("nan")
-        return self.patches / self.ceiling_worker_env
-
-    @property
-    def c(self) -> float:
-        return self.patches / self.clam
-
-
-def dask_worker_environ() -> dict[str, str]:
-    """The variables a Dask nanny sets in the worker processes it starts."""
-    return {name: str(value) for name, value in
-            dask.config.get("distributed.nanny.pre-spawn-environ").items()}
+        """The ceiling: the faster layout."""
+        return max(self.b_of(layout) for layout in self.layouts)
 
 
 def cpu_busy_seconds() -> float:
@@ -559,33 +570,24 @@ class Steps:
                 if share > NOISY_SHARE]
 
 
-def measure_backbone(name: str, pretrained: bool, small: BenchSlide, templates: Path,
-                     work: Path, patches: int, threads: int, steps: Steps, quick: bool
-                     ) -> tuple[Callable[[], float], float | None, float]:
-    """(a function measuring (b)'s seconds, seconds of (b') (None with ``quick``), seconds of
-    (c)), over ``patches`` patches of ``small`` (half as many for the last two, scaled up)."""
-    config = slidepipe_config(name, pretrained)
-    spec = {"mode": "ceiling", "backbone": name, "pretrained": pretrained,
+def ceiling_spec(name: str, pretrained: bool, small: BenchSlide, templates: Path,
+                 patches: int) -> dict[str, Any]:
+    """The (b) child's spec: ``patches`` decoded patches of ``small`` per process."""
+    return {"mode": "ceiling", "backbone": name, "pretrained": pretrained,
             "slide": str(small.path), "grid": str(templates / small.slide_id),
-            "patches": patches, "threads": threads}
+            "patches": patches}
 
-    def ceiling() -> float:
-        return float(run_child(f"{name} ceiling", spec)[1]["seconds"])
 
-    fewer = max(config.backbone.batch_size, patches // 2)
-
-    worker_env = None
-    if not quick:
-        label = "(b') ceiling with the Dask worker's environment"
-        worker_env = steps.run(f"{name}: {label}, {fewer} patches", lambda: float(run_child(
-            f"{name} {label}", {**spec, "patches": fewer},
-            {**os.environ, **dask_worker_environ()})[1]["seconds"])) * patches / fewer
+def measure_clam(name: str, pretrained: bool, small: BenchSlide, templates: Path, work: Path,
+                 patches: int, steps: Steps) -> float:
+    """(c) patches/s over ``patches`` CLAM-style coordinates of ``small``."""
+    config = slidepipe_config(name, pretrained)
     grid = wsi.load_grid(templates / small.slide_id)
-    coords = np.resize(clam_coords(small.path, grid.spec.read_size), (fewer, 2))
-    clam = steps.run(f"{name}: (c) CLAM-style DataLoader, {fewer} patches",
-                     lambda: clam_seconds(config, small.path, coords, grid.spec.level,
-                                          grid.spec.read_size, work))
-    return ceiling, worker_env, clam * patches / fewer
+    coords = np.resize(clam_coords(small.path, grid.spec.read_size), (patches, 2))
+    seconds = steps.run(f"{name}: (c) CLAM-style DataLoader, {patches} patches",
+                        lambda: clam_seconds(config, small.path, coords, grid.spec.level,
+                                             grid.spec.read_size, work))
+    return patches / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -593,69 +595,75 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3072² and 6144² slides, 64 patches for (b) and (c), "
-                             "efficientnet_lite0 only, (b) once, no (b')")
+                             "efficientnet_lite0 only, (b) before (a) only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main(json.loads(args.child))
 
     quick = args.quick
-    small_side, large_side = (3072, 6144) if quick else (10240, 20480)
+    sides = {"small": 3072, "large": 6144} if quick else {"small": 10240, "large": 40960}
     samples = {"efficientnet_lite0": 64} if quick else {"efficientnet_lite0": 512,
                                                         "resnet50_trunc": 256}
     cluster = ClusterConfig()
     workers = default_workers(cluster)
-    threads = default_torch_threads(cluster, workers)
-    torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0))
+    worker_layout = Layout(workers, default_torch_threads(cluster, workers))
+    layouts = list(dict.fromkeys([worker_layout, Layout(1, cores)]))
+    torch.set_num_threads(cores)  # (c): CLAM leaves torch on every core
     cuda = torch.cuda.is_available()
     print(f"slidepipe extract benchmark — {machine()}, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}; "
-          f"LocalCluster of {workers} worker(s), {threads} torch thread(s); load {loadavg()}")
+          f"LocalCluster of {workers} worker(s) x {worker_layout.threads} torch thread(s); "
+          f"load {loadavg()}")
     started = time.perf_counter()
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="extract-bench-", dir=DATA_DIR))
     try:
         templates = work / "grids"
         warm = tile_template(real_svs(), WARMUP_ID, templates)
-        small = tile_template(resection_svs_of_side(small_side), f"resection-{small_side}",
-                              templates)
-        large = tile_template(resection_svs_of_side(large_side), f"resection-{large_side}",
-                              templates)
+        by_side = {side: tile_template(resection_svs_of_side(side), f"resection-{side}",
+                                       templates) for side in sorted(set(sides.values()))}
+        slides = {size: by_side[side] for size, side in sides.items()}
         print("\nslides (default grid: 0.5 µm/px, 256 px; tiled beforehand, not in (a))")
         print_table(["slide", "patches", "tiling"],
                     [[s.slide_id, s.patches, f"{s.tiling_seconds:.1f} s"]
-                     for s in (warm, small, large)])
+                     for s in [warm, *by_side.values()]])
         print()
 
-        def extract(label: str, name: str, pretrained: bool, *slides: BenchSlide) -> SlideRun:
-            ids = ", ".join(s.slide_id for s in slides)
-            return steps.run(f"{name}: (a) slidepipe on {ids}", lambda: run_slidepipe(
-                label, name, pretrained, [(s.path, s.slide_id, s.patches) for s in slides],
-                work, templates))
-
         steps = Steps()
+
+        def extract(label: str, name: str, pretrained: bool, slide: BenchSlide) -> SlideRun:
+            return steps.run(f"{name}: (a) slidepipe on {warm.slide_id}, {slide.slide_id}",
+                             lambda: run_slidepipe(label, name, pretrained, [
+                                 (s.path, s.slide_id, s.patches) for s in (warm, slide)],
+                                 work, templates))
+
+        def ceilings(name: str, spec: dict[str, Any], when: str
+                     ) -> list[tuple[Layout, float, float]]:
+            return [(layout, steps.run(
+                f"{name}: (b) ceiling {layout}, {spec['patches']} patches per process ({when})",
+                lambda layout=layout: ceiling_rate(f"{name} ceiling", spec, layout)),
+                steps.last_share) for layout in layouts]
+
         results: list[BackboneResult] = []
         rss_runs: list[tuple[BenchSlide, SlideRun]] = []
         for name, pretrained in BACKBONES:
             if name not in samples:
                 continue
-            ceiling, in_worker_env, clam = measure_backbone(
-                name, pretrained, small, templates, work, samples[name], threads, steps, quick)
-            bracket = [(steps.run(f"{name}: (b) ceiling, {samples[name]} patches (before a)",
-                                  ceiling), steps.last_share)]
+            small = slides["small"]
+            clam = measure_clam(name, pretrained, small, templates, work,
+                                max(64, samples[name] // 2), steps)
+            spec = ceiling_spec(name, pretrained, small, templates, samples[name])
+            measured = ceilings(name, spec, "before a")
             if name == "efficientnet_lite0":
-                rss_runs.append((small, extract(f"{name} small", name, pretrained, warm,
-                                                small)))
-                run = extract(f"{name} large", name, pretrained, warm, large)
-                rss_runs.append((large, run))
-            else:
-                copy = linked_copy(small, f"{small.slide_id}-copy", work, templates)
-                run = extract(f"{name} 3 slides", name, pretrained, warm, small, copy)
+                rss_runs.append((small, extract(f"{name} small", name, pretrained, small)))
+            run = extract(f"{name} large", name, pretrained, slides["large"])
+            if name == "efficientnet_lite0":
+                rss_runs.append((slides["large"], run))
             if not quick:
-                bracket.append((steps.run(f"{name}: (b) ceiling, {samples[name]} patches "
-                                          "(after a)", ceiling), steps.last_share))
-            results.append(BackboneResult(name, run, bracket, in_worker_env, clam,
-                                          samples[name]))
+                measured += ceilings(name, spec, "after a")
+            results.append(BackboneResult(name, run, measured, clam))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, rss_runs, warm, cuda, steps)
@@ -681,34 +689,27 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
     print("start-up: to the first chunk (the warm-up slide) minus its patches at the steady "
           "rate; tail: last chunk to return (finalise, export, cluster shutdown)")
 
-    print("\npatches/s per backbone: (a) slidepipe all-in [steady], (b) backbone alone on "
-          "decoded uint8 batches (fresh process; b': with the Dask worker's environment "
-          f"{' '.join(f'{k}={v}' for k, v in dask_worker_environ().items())}), "
-          "(c) CLAM-style DataLoader")
+    print("\npatches/s per backbone: (a) slidepipe all-in [steady]; (b) the backbone alone on "
+          "decoded uint8 batches, per layout (processes x torch threads; before, after a; * = "
+          "others took over 5 % of the CPUs), the ceiling is the faster layout; (c) CLAM-style "
+          "DataLoader")
     rows = []
     for r in results:
-        a = f"{r.run.all_in:.1f} [{r.run.steady:.1f}]"
-        ab = f"{r.run.all_in / r.b:.2f} [{r.run.steady / r.b:.2f}]"
-        ac = f"{r.run.all_in / r.c:.2f}"
-        bracket = ", ".join(f"{r.patches / seconds:.1f}"
-                            + ("*" if share > NOISY_SHARE else "")
-                            for seconds, share in r.ceiling)
-        rows.append([r.name, r.run.patches, a, r.patches, f"{r.b:.1f} ({bracket})",
-                     shown(r.b_env, ".1f"), f"{r.c:.1f}", ab, shown(r.b_env / r.b, ".2f"), ac,
-                     f"{r.c / r.b:.2f}"])
-    print_table(["backbone", "(a) patches", "(a) all-in [steady]", "(b) patches",
-                 "(b) ceiling (before, after a)", "(b')", "(c) CLAM",
-                 "a/b [steady/b]", "b'/b", "a/c", "c/b"], rows)
-    for r in results:
-        if math.isnan(r.b_env):
-            continue
-        print(f"{r.name}: a/b {r.run.all_in / r.b:.2f} = worker environment (b'/b) "
-              f"{r.b_env / r.b:.2f} x pipeline in the worker (steady/b') "
-              f"{r.run.steady / r.b_env:.2f} x start-up and tail (all-in/steady) "
-              f"{r.run.all_in / r.run.steady:.2f}")
+        per_layout = "; ".join(
+            f"{layout}: {r.b_of(layout):.1f} (" + ", ".join(
+                f"{rate:.1f}" + ("*" if share > NOISY_SHARE else "")
+                for measured, rate, share in r.ceilings if measured == layout) + ")"
+            for layout in r.layouts)
+        rows.append([r.name, r.run.patches, f"{r.run.all_in:.1f} [{r.run.steady:.1f}]",
+                     per_layout, f"{r.b:.1f}", f"{r.clam:.1f}",
+                     f"{r.run.all_in / r.b:.2f} [{r.run.steady / r.b:.2f}]",
+                     f"{r.run.all_in / r.clam:.2f}", f"{r.clam / r.b:.2f}"])
+    print_table(["backbone", "(a) patches", "(a) all-in [steady]", "(b) per layout",
+                 "(b) ceiling", "(c) CLAM", "a/b [steady/b]", "a/c", "c/b"], rows)
 
     print("\npeak RSS of the (a) processes (VmHWM; tree: polled peak of the summed RSS)")
-    print_table(["run", "slide", "patches", "client (+ scheduler, nanny)", "worker", "tree"],
+    print_table(["run", "slide", "patches", "client (+ scheduler, nannies)", "largest worker",
+                 "tree"],
                 [[run.label, slide.slide_id, run.patches, mib(run.client_peak),
                   mib(run.worker_peak), mib(run.polled_tree)] for slide, run in rss_runs])
     print()
@@ -723,13 +724,13 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
                 f"start-up {r.run.startup:.1f} s)")
         if cuda:
             verdict(f"a >= {TARGET_VS_CLAM_GPU:g} x c (GPU, {r.name})",
-                    r.run.all_in >= TARGET_VS_CLAM_GPU * r.c,
-                    f"a/c = {r.run.all_in / r.c:.2f} ({r.run.all_in:.1f} vs {r.c:.1f} "
+                    r.run.all_in >= TARGET_VS_CLAM_GPU * r.clam,
+                    f"a/c = {r.run.all_in / r.clam:.2f} ({r.run.all_in:.1f} vs {r.clam:.1f} "
                     "patches/s)")
     if steps.noisy:
         print(f"WARN  other processes took over {NOISY_SHARE:.0%} of the CPUs during: "
               f"{'; '.join(steps.noisy)}. Figures from those steps are not clean (a (b) marked "
-              "* is left out of the mean when the other one is clean)")
+              "* is left out of its layout's mean when the other one is clean)")
     if not cuda:
         print(f"----  GPU targets (a >= {TARGET_VS_CEILING:g} x b, a >= {TARGET_VS_CLAM_GPU:g} "
               "x c on a GPU): not measured here (no CUDA device)")

@@ -214,6 +214,32 @@ def test_local_workers_are_started_for_cpu_inference() -> None:
         assert client.submit(worker_settings).result() == ("1", True)
 
 
+@pytest.mark.parametrize(("cores", "gpus", "memory_gib", "expected"), [
+    (2, 0, 24, (2, 1)),     # the CI machine: one single-threaded model worker per core
+    (32, 0, 256, (8, 4)),   # many cores: at most 8 workers, the rest become torch threads
+    (16, 0, 6, (3, 5)),     # little RAM: one worker per 2 GiB
+    (16, 2, 64, (2, 8)),    # GPUs: one worker per GPU, whatever the cores
+])
+def test_default_layout_of_local_workers(monkeypatch: pytest.MonkeyPatch, cores: int, gpus: int,
+                                         memory_gib: int, expected: tuple[int, int]) -> None:
+    """Without a GPU, one model worker per core within the caps (ADR 0005); with GPUs one per
+    GPU; the cores are shared out as torch threads; configured values win."""
+    from types import SimpleNamespace
+
+    import pipelines.cluster as cluster
+
+    monkeypatch.setattr(cluster, "_cores", lambda: cores)
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(cluster.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(total=memory_gib * 2**30))
+    config = cluster.ClusterConfig()
+    workers = cluster.default_workers(config)
+    assert (workers, cluster.default_torch_threads(config, workers)) == expected
+    chosen = cluster.ClusterConfig(workers=1, torch_threads=3)
+    assert cluster.default_workers(chosen) == 1
+    assert cluster.default_torch_threads(chosen, 1) == 3
+
+
 def test_cpu_allocator_tuning_applies_with_glibc() -> None:
     """The Embedder's allocator tuning takes effect wherever glibc is the C library."""
     import platform

@@ -151,7 +151,7 @@ class FeatureStoreWriter:
 
     @classmethod
     def open(cls, path: str | Path, *, key: str, coords: np.ndarray, feature_dim: int,
-             chunk_rows: int = 2048, dtype: str = "float16", attributes: dict[str, Any],
+             chunk_rows: int = 512, dtype: str = "float16", attributes: dict[str, Any],
              overwrite: bool = False) -> Self:
         """Create the store at ``path``, or resume the one there.
 
