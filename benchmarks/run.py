@@ -14,8 +14,9 @@ LocalCluster's start included):
   at least 1.7x as fast as 1). The target is judged on the stages' own time, the run report's
   ``flow_seconds``: from the moment the cluster is up to the last slide (the workers' imports
   and model loads included). The run's wall time adds a fixed start (inventory and hashing,
-  the client's backbone identity, the LocalCluster's start: about 5 s), shown beside it. The
-  machine's default (1 worker using every core for torch) is shown for information;
+  the client's backbone identity, the LocalCluster's start: about 5 s), shown beside it. One
+  worker using every core for torch (the CPU default before ADR 0005, which made it one
+  single-threaded worker per core) is shown for information;
 - the whole pipeline's throughput in slides per hour: the CPU-bound stages above plus
   ``predict`` and ``export`` (heatmaps and the HTML worklist) with an ABMIL model trained here
   on the 2-worker run's features (3 folds, a few epochs; its quality does not matter).
@@ -75,7 +76,7 @@ def main() -> None:
     print(f"cohort: {n} demo slides of {args.size}² px in {labels.parent}\n")
     configs = {"1 worker x 1 thread": {"workers": 1, "torch_threads": 1},
                "2 workers x 1 thread": {"workers": 2, "torch_threads": 1},
-               "default (1 worker, all cores)": {"workers": 1}}
+               "1 worker, all cores": {"workers": 1}}
     root = Path(tempfile.mkdtemp(prefix="bench-run-"))
     try:
         timings = {}

@@ -49,7 +49,7 @@ WORKER_PRELOAD = ("distributed", "numpy", "torch", "timm", "pipelines.extract_wo
 #: At most this many LocalCluster model workers on a CPU-only machine (each holds a model).
 CPU_WORKERS_MAX = 8
 #: RAM set aside per CPU model worker (model, a batch's activations, decode buffers).
-CPU_WORKER_MEMORY = 2 * 2**30
+CPU_WORKER_MEMORY = 3 * 2**30
 
 
 class ClusterConfig(BaseModel):
@@ -62,7 +62,7 @@ class ClusterConfig(BaseModel):
         "None starts a LocalCluster")
     workers: int | None = Field(
         None, ge=1, description="LocalCluster worker processes (default: one per GPU; without "
-        "a GPU one per core, at most 8 and one per 2 GiB of RAM)")
+        "a GPU one per core, at most 8 and one per 3 GiB of RAM)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per worker (default: the cores per worker)")
     dashboard: str | None = Field(":0", description="dashboard address; None disables it")

@@ -217,7 +217,7 @@ def test_local_workers_are_started_for_cpu_inference() -> None:
 @pytest.mark.parametrize(("cores", "gpus", "memory_gib", "expected"), [
     (2, 0, 24, (2, 1)),     # the CI machine: one single-threaded model worker per core
     (32, 0, 256, (8, 4)),   # many cores: at most 8 workers, the rest become torch threads
-    (16, 0, 6, (3, 5)),     # little RAM: one worker per 2 GiB
+    (16, 0, 12, (4, 4)),    # little RAM: one worker per 3 GiB
     (16, 2, 64, (2, 8)),    # GPUs: one worker per GPU, whatever the cores
 ])
 def test_default_layout_of_local_workers(monkeypatch: pytest.MonkeyPatch, cores: int, gpus: int,
