@@ -726,7 +726,8 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
     print()
     for name, _ in BACKBONES:
         if name not in {r.name for r in results}:
-            print(f"----  a >= {TARGET_VS_CEILING:g} x b ({name}): not measured (--quick)")
+            print(f"----  a >= {TARGET_VS_CEILING:g} x b ({name}): not measured (--quick or "
+                  "--backbone)")
     for r in results:
         verdict(f"a >= {TARGET_VS_CEILING:g} x b ({'GPU' if cuda else 'CPU'}, {r.name})",
                 r.run.all_in >= TARGET_VS_CEILING * r.b,
