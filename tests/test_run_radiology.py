@@ -25,6 +25,7 @@ from pipelines.radiology import (
     discover_studies,
     extract_studies,
 )
+from pipelines.run import studies as run_studies
 from tests.test_radiology_e2e import IDENTIFIERS
 from tests.test_radiology_readers import real, write_series
 
@@ -76,7 +77,7 @@ def _stages(out: Path) -> dict[tuple[str, str], str]:
 
 
 def test_studies_run_through_every_stage_and_a_rerun_does_nothing(
-        archive: Path, model: Path, tmp_path: Path) -> None:
+        archive: Path, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"archive": [str(archive)], "model": str(model),
@@ -115,6 +116,10 @@ def test_studies_run_through_every_stage_and_a_rerun_does_nothing(
             data = path.read_bytes()
             assert not any(word.encode() in data for word in (*IDENTIFIERS, *uids)), path
 
+    def rehashed(study: object) -> str:
+        raise AssertionError(f"{study}: files unchanged since the last run, hashed again")
+
+    monkeypatch.setattr(run_studies, "study_hash", rehashed)
     again = runner.invoke(app, ["run", str(config)])
     assert again.exit_code == 0, again.output
     assert "0 slides processed" in again.output and "1 failed before" in again.output

@@ -70,11 +70,17 @@ class _Seen:
 
 
 def _signature(entry: SlideEntry) -> tuple[str, float]:
-    """A fingerprint of the slide's files from their metadata alone, and the latest mtime.
-    Raises OSError for a path that is missing, unreadable or not a regular file."""
+    """:func:`files_signature` of the slide's files. Raises OSError for a path that is missing,
+    unreadable or not a regular file."""
     files = slide_files(entry.path)
     if not files:
         raise OSError(f"{entry.path}: no files found for this slide")
+    return files_signature(files)
+
+
+def files_signature(files: Sequence[Path]) -> tuple[str, float]:
+    """A fingerprint of files from their metadata alone (names, sizes, mtimes), and the latest
+    mtime. Raises OSError for a file that is missing or not a regular file."""
     parts, latest = [], 0.0
     for file in files:
         info = os.stat(file)

@@ -207,7 +207,7 @@ def _inventory(config: RunConfig, database: RunDatabase, out: Path
         keys = StudyKeys.for_output(out, config.radiology.key_file) if found.studies else None
     except PseudonymError as error:
         raise ConfigError(str(error)) from error
-    studies = (take_study_inventory(found.studies, keys, only=config.run.only,
+    studies = (take_study_inventory(found.studies, keys, database.paths(), only=config.run.only,
                                     since=config.run.since) if keys is not None
                else StudyInventory([], {}))
     studies.add_to(inventory)

@@ -4,7 +4,9 @@ the run database as slides are, and run through the same four stages on the same
 * **identity**: a study's hash is ``rad1-`` and a SHA-256 over the sorted SHA-256s of its files'
   bytes (a copy or renamed files are the same study); its id is its keyed pseudonym
   (``study-<12 hex>``, the id ``slidepipe radiology extract`` gives it). The database keeps its
-  path (the series' folder or the file) as it keeps a slide's, and nothing else about it.
+  path (the series' folder or the file) and its files' signature (names, sizes, mtimes) as it
+  keeps a slide's, and nothing else about it; a rerun reuses the hash of a path whose signature
+  is unchanged instead of reading every file again.
 * **tile** reads the study and builds its bag; **extract** embeds it into
   ``OUT/slides/<study_id>/features_<backbone>.zarr`` (both :class:`StudyExtraction`);
   **predict** is the slides' own; **export** writes :func:`~pipelines.radiology.exports.
@@ -34,7 +36,8 @@ from ..radiology import RadiologyConfig, RadiologyError, StudyInput, StudyKeys, 
 from ..radiology.exports import export_study, study_attention
 from ..radiology.extract import RadiologySetup, StudyExtraction
 from ..radiology.studies import discover_studies, study_identity
-from .inventory import UNREADABLE_PREFIX, ArchiveSlide, Inventory
+from .database import PathRow
+from .inventory import UNREADABLE_PREFIX, ArchiveSlide, Inventory, files_signature
 from .plan import HEATMAP_SUMMARY, HEATMAPS_DIR, PREDICTION_NAME, KeyInputs, key_digest, later_keys
 from .slides import RunSlide
 from .steps import FINISHING, Next, StageOutcome, Step, Task
@@ -74,25 +77,35 @@ class StudyInventory:
         inventory.filtered_out += self.filtered_out
 
 
-def _modified(study: StudyInput) -> float:
-    return max((os.stat(path).st_mtime for path in study.files), default=0.0)
+def _known_hash(study: StudyInput, signature: str, known_paths: dict[str, PathRow]
+                ) -> str | None:
+    """The hash recorded for the study's path when its files' signature is unchanged."""
+    known = known_paths.get(os.path.abspath(study.label))
+    if known is None or known.signature != signature or not is_study(known.slide_hash):
+        return None
+    return known.slide_hash
 
 
-def take_study_inventory(paths: Sequence[Path], keys: StudyKeys, *, only: Sequence[str] = (),
+def take_study_inventory(paths: Sequence[Path], keys: StudyKeys,
+                         known_paths: dict[str, PathRow] | None = None, *,
+                         only: Sequence[str] = (),
                          since: datetime | None = None) -> StudyInventory:
     """Group the radiology inputs into studies, identify and deduplicate them; a study that
-    cannot be read is kept with its error (it fails its tile stage)."""
+    cannot be read is kept with its error (it fails its tile stage). ``known_paths`` (the run
+    database's) lets a study whose files are unchanged keep its hash without being re-read."""
     studies = discover_studies(paths)
     inventory = StudyInventory([], {}, found=len(studies))
-    groups: dict[str, list[tuple[StudyInput, str, float, str]]] = {}
+    groups: dict[str, list[tuple[StudyInput, str, float, str, str]]] = {}
     for study in studies:
         try:
             study_id = keys.study_id(study_identity(study))
-            slide_hash, modified, error = study_hash(study), _modified(study), ""
+            signature, modified = files_signature(study.files)
+            slide_hash = _known_hash(study, signature, known_paths or {}) or study_hash(study)
+            error = ""
         except (RadiologyError, OSError) as problem:
             study_id = keys.study_id(f"unreadable:{study.label}")
             slide_hash = UNREADABLE_PREFIX + hashlib.sha256(study.label.encode()).hexdigest()[:16]
-            modified, error = 0.0, str(problem)
+            signature, modified, error = "", 0.0, str(problem)
         names = {study_id, study.label, *(path.name for path in study.files)}
         if only and not any(fnmatch.fnmatchcase(name, pattern)
                             for pattern in only for name in names):
@@ -101,15 +114,16 @@ def take_study_inventory(paths: Sequence[Path], keys: StudyKeys, *, only: Sequen
         if since is not None and not error and modified < since.timestamp():
             inventory.filtered_out += 1
             continue
-        groups.setdefault(slide_hash, []).append((study, study_id, modified, error))
+        groups.setdefault(slide_hash, []).append((study, study_id, modified, signature, error))
     for slide_hash, items in groups.items():
-        study, study_id, _, error = items[0]
+        study, study_id, _, _, error = items[0]
         inventory.duplicates += len(items) - 1
         inventory.inputs[slide_hash] = study
         inventory.slides.append(ArchiveSlide(
             slide_hash=slide_hash, entry=SlideEntry(path=Path(study.label), slide_id=study_id),
             paths=tuple(os.path.abspath(item[0].label) for item in items),
-            modified=max(item[2] for item in items), error=error))
+            modified=max(item[2] for item in items),
+            signatures=tuple(item[3] for item in items), error=error))
     return inventory
 
 
