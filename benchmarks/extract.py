@@ -78,12 +78,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import cv2
-import h5py
 import numpy as np
-import openslide
 import psutil
 import torch
+from _clam_extractor import clam_coords, clam_seconds
 from _common import (
     DATA_DIR,
     machine,
@@ -93,8 +91,6 @@ from _common import (
     resection_svs_of_side,
     verdict,
 )
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 import wsi
 from pipelines.backbones import load_backbone
@@ -114,13 +110,6 @@ NOISY_SHARE = 0.05
 
 #: The backbones measured: (name, pretrained).
 BACKBONES = (("efficientnet_lite0", True), ("resnet50_trunc", False))
-
-#: CLAM's ``four_pt`` test: the four points centre ± patch * CENTER_SHIFT / 2.
-CENTER_SHIFT = 0.5
-#: CLAM segments at the level nearest this downsample.
-CLAM_SEG_DOWNSAMPLE = 64
-#: CLAM's DataLoader workers with CUDA (none without).
-CLAM_CUDA_WORKERS = 8
 
 RESULT_MARK = "EXTRACT-BENCH-RESULT "
 READY_MARK = "EXTRACT-BENCH-READY"
@@ -359,118 +348,6 @@ def ceiling_rate(label: str, spec: dict[str, Any], layout: Layout) -> float:
             if child.poll() is None:
                 child.kill()
     return layout.processes * spec["patches"] / (max(ends) - go)
-
-
-# -- (c) CLAM's extractor, re-implemented -----------------------------------------------------
-def four_pt(contour: np.ndarray, holes: list[np.ndarray], x: int, y: int, patch: int) -> bool:
-    """CLAM's ``four_pt`` contour test with its hole check for the patch at (x, y)."""
-    half = patch // 2
-    shift = int(half * CENTER_SHIFT)
-    cx, cy = x + half, y + half
-    points = ((cx - shift, cy - shift), (cx + shift, cy + shift), (cx + shift, cy - shift),
-              (cx - shift, cy + shift))
-    if not any(cv2.pointPolygonTest(contour, (float(px), float(py)), False) >= 0
-               for px, py in points):
-        return False
-    return not any(cv2.pointPolygonTest(hole, (float(cx), float(cy)), False) > 0
-                   for hole in holes)
-
-
-def clam_coords(path: Path, patch: int) -> np.ndarray:
-    """Level-0 patch corners made CLAM's way: segmentation at the level nearest 64x, then per
-    contour a ``patch`` step from its bounding-box corner (off the tile grid), x-major."""
-    from tiling import clam_segment  # the project's re-implementation of CLAM's segmentation
-
-    with openslide.OpenSlide(str(path)) as slide:
-        level = slide.get_best_level_for_downsample(CLAM_SEG_DOWNSAMPLE)
-        size = slide.level_dimensions[level]
-        rgb = np.asarray(slide.read_region((0, 0), level, size).convert("RGB"))
-        downsample = slide.level_downsamples[level]
-    contours = clam_segment(rgb, downsample, a_t=1).contours
-    kept: list[tuple[int, int]] = []
-    for contour, holes in zip(contours.tissue, contours.holes, strict=True):
-        x, y, width, height = cv2.boundingRect(contour)
-        for px in range(x, x + width, patch):
-            for py in range(y, y + height, patch):
-                if four_pt(contour, holes, px, py, patch):
-                    kept.append((px, py))
-    return np.asarray(kept, dtype=np.int64).reshape(-1, 2)
-
-
-class WholeSlideBagFP(Dataset[dict[str, Any]]):
-    """CLAM's ``Whole_Slide_Bag_FP``: one coordinate read from the HDF5 file per item, then
-    ``read_region(...).convert("RGB")`` and the transforms. The file and the slide are opened on
-    first use in each process (CLAM opens them before forking its loader workers)."""
-
-    def __init__(self, coords_file: Path, slide_path: Path,
-                 transform: transforms.Compose) -> None:
-        self.coords_file, self.slide_path, self.transform = coords_file, slide_path, transform
-        with h5py.File(coords_file, "r") as handle:
-            self.length = len(handle["coords"])
-            self.level = int(handle["coords"].attrs["patch_level"])
-            self.size = int(handle["coords"].attrs["patch_size"])
-        self._handle: h5py.File | None = None
-        self._slide: openslide.OpenSlide | None = None
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if self._handle is None or self._slide is None:
-            self._handle = h5py.File(self.coords_file, "r")
-            self._slide = openslide.OpenSlide(str(self.slide_path))
-        coord = self._handle["coords"][index]
-        image = self._slide.read_region((int(coord[0]), int(coord[1])), self.level,
-                                        (self.size, self.size)).convert("RGB")
-        return {"img": self.transform(image), "coord": coord}
-
-
-def append_hdf5(path: Path, arrays: dict[str, np.ndarray], first: bool) -> None:
-    """CLAM's ``save_hdf5``: create resizable datasets on the first batch, append after."""
-    with h5py.File(path, "w" if first else "a") as handle:
-        for name, value in arrays.items():
-            if first:
-                handle.create_dataset(name, data=value, maxshape=(None, *value.shape[1:]),
-                                      chunks=(1, *value.shape[1:]))
-            else:
-                dataset = handle[name]
-                dataset.resize(len(dataset) + len(value), axis=0)
-                dataset[-len(value):] = value
-
-
-def clam_seconds(config: SlidepipeConfig, slide_path: Path, coords: np.ndarray, level: int,
-                 patch: int, work: Path) -> float:
-    """Seconds for CLAM's DataLoader loop over ``coords`` (model built beforehand)."""
-    coords_file, features_file = work / "clam_coords.h5", work / "clam_features.h5"
-    with h5py.File(coords_file, "w") as handle:
-        dataset = handle.create_dataset("coords", data=coords)
-        dataset.attrs["patch_level"] = level
-        dataset.attrs["patch_size"] = patch
-    backbone = load_backbone(config.backbone.model_copy(update={"channels_last": False,
-                                                                "precision": "fp32"}))
-    spec, device = backbone.spec, backbone.device
-    transform = transforms.Compose([transforms.Resize(spec.input_size), transforms.ToTensor(),
-                                    transforms.Normalize(spec.mean, spec.std)])
-    cuda = device.type == "cuda"
-    loader = DataLoader(WholeSlideBagFP(coords_file, slide_path, transform),
-                        batch_size=config.backbone.batch_size,
-                        num_workers=CLAM_CUDA_WORKERS if cuda else 0, pin_memory=cuda)
-    model = backbone.model
-    with torch.inference_mode():  # warm-up, as (b) gets
-        model(torch.zeros(8, 3, spec.input_size, spec.input_size, device=device))
-    start = time.perf_counter()
-    first = True
-    for data in loader:
-        with torch.inference_mode():
-            batch = data["img"].to(device, non_blocking=True)
-            features = model(batch).cpu().numpy().astype(np.float32)
-        append_hdf5(features_file, {"features": features,
-                                    "coords": data["coord"].numpy().astype(np.int32)}, first)
-        first = False
-    seconds = time.perf_counter() - start
-    with h5py.File(features_file, "r") as handle:
-        assert handle["features"].shape == (len(coords), spec.feature_dim)
-    return seconds
 
 
 # -- the benchmark -----------------------------------------------------------------------------

@@ -114,10 +114,12 @@ def clam_four_pt_grid(contours: Contours, patch: int, step: int) -> np.ndarray:
     return np.unique(np.asarray(kept, dtype=np.int64), axis=0)
 
 
-def _four_pt_candidate(coord: tuple[int, int], holes: list[np.ndarray], patch: int,
+def four_pt_candidate(coord: tuple[int, int], holes: list[np.ndarray], patch: int,
                        contour: np.ndarray) -> tuple[int, int] | None:
-    """One candidate of :func:`clam_four_pt_grid`, as a pool worker task (CLAM ships each
-    candidate to a worker with its contour and the contour's holes)."""
+    """CLAM's ``four_pt`` test with its hole check for the patch at ``coord``: ``coord`` when
+    kept, else None. One candidate of :func:`clam_four_pt_grid` as a pool worker task (CLAM
+    ships each candidate to a worker with its contour and the contour's holes); also the test
+    of ``_clam_extractor.clam_coords``."""
     shift, half = patch // 4, patch // 2
     cx, cy = coord[0] + half, coord[1] + half
     for qx, qy in ((cx - shift, cy - shift), (cx + shift, cy + shift),
@@ -141,7 +143,7 @@ def clam_four_pt_grid_pooled(contours: Contours, patch: int, step: int) -> np.nd
                  for py in range(y // step * step, y + h, step)
                  for px in range(x // step * step, x + w, step)]
         with multiprocessing.Pool(workers) as pool:
-            kept.extend(c for c in pool.starmap(_four_pt_candidate, tasks) if c is not None)
+            kept.extend(c for c in pool.starmap(four_pt_candidate, tasks) if c is not None)
     if not kept:
         return np.zeros((0, 2), dtype=np.int64)
     return np.unique(np.asarray(kept, dtype=np.int64), axis=0)
