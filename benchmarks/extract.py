@@ -6,26 +6,40 @@ Patches/s for each backbone, the default ``efficientnet_lite0`` (embedded ImageN
 ``resnet50_trunc`` (``pretrained: false``: offline there are no ImageNet weights for it, and
 random weights run at the same speed), three ways:
 
-(a) slidepipe end to end: ``pipelines.extract.extract_archive`` in a fresh process, with the
-    default configuration (on a CPU-only machine a LocalCluster of one single-threaded model
-    worker per core, ADR 0005; batch 64, 2 decode threads per task, chunks of 512 patches,
-    float16 zarr store plus the HDF5 export). The grids are made beforehand by ``tile_slide``
-    and copied in, so (a) measures extraction, not tiling. The clock runs from the
-    ``extract_archive`` call to its return: the client's own model load, planning, LocalCluster
-    start, the workers' imports and model loads, every chunk, finalising, exports and cluster
-    shutdown (the process start and imports before the call are shown, not counted). Each
-    archive starts with the real CMU-1-Small-Region (54 patches), so the first chunk to land
-    carries the start-up; the chunks after it give the steady rate, and start-up = time to the
-    first chunk minus its patches at the steady rate. The all-in rate (all patches / all of that
-    time) is the figure the targets use.
+(a) slidepipe end to end, with the default configuration (on a CPU-only machine a LocalCluster
+    of one single-threaded model worker per core, ADR 0005; batch 64, 2 decode threads per task,
+    chunks of 512 patches, float16 zarr store plus the HDF5 export). The grids are made
+    beforehand by ``tile_slide`` and copied in, so (a) measures extraction, not tiling. A fresh
+    process (the session) starts slidepipe's LocalCluster exactly as ``extract_archive`` does
+    (``pipelines.cluster.dask_client``) and then extracts an archive in 3 ``extract_archive``
+    calls on that cluster, as ``--scheduler`` runs do: the real CMU-1-Small-Region (54 patches)
+    with the 20480² resection, then the 20480² resection twice more (9126 patches in all, as
+    much as a large resection). Each call pays its own client-side backbone load, planning,
+    slide preparation, every chunk, finalising and the HDF5 export; the workers load the model
+    in the first call. The all-in rate is all the calls' patches over the cluster's start plus
+    the calls' time (the process start and imports before it are shown, not counted); it is the
+    figure the targets use.
 (b) the ceiling: the same ``Embedder`` on real patches of the slide already decoded into one
-    uint8 array, fed in batches of the same size, after a warm-up batch, in fresh processes:
-    as many at once as slidepipe has model workers, each with a worker's torch threads, started
-    together once all are warm (patches/s = all their patches / time to the last one's end).
-    Where that layout is not one process using every core, that one is measured too, and the
-    ceiling is the faster of the two: the best the backbone alone does on this machine. Each
-    layout is measured before and after (a); the mean of the two rates is used (only the clean
-    one when other processes took over 5 % of the CPUs during the other).
+    uint8 array (cycled), fed in batches of the same size, in processes started and warmed
+    beforehand, idle (blocked on stdin) while slidepipe runs: as many at once as slidepipe has
+    model workers, each with a worker's torch threads, and, where that layout is not one
+    process using every core, that one too. Before the first call and after each, the whole
+    session is frozen (``SIGSTOP`` to its process group: client, scheduler, nannies, workers;
+    it runs in a session of its own) and each layout gets one window (the layouts take turns
+    going first, from one round to the next): every process of the
+    layout runs batches until 12 s have passed, and the window's rate is the sum of theirs
+    (each its patches over its own time, the last batch included). A layout's rate is the mean
+    of its windows (leaving out those during which other processes took over 5 % of the CPUs,
+    if any other is clean), and the ceiling is the faster layout: the best the backbone alone
+    does on this machine. Each call is also shown against the windows just before and after
+    it. Why windows between calls: on the shared 2-core VM of these figures the backbone's
+    speed drifts by up to 40 % between measurements minutes apart (invisible in /proc/stat: no
+    steal, no other process), so a ceiling measured once before or after a 4-9 minute run says
+    little about the minutes the run had; interleaved, (a) and (b) sample the same minutes. The
+    session is frozen only while idle between calls. (Freezing one fresh run mid-call instead,
+    tried first, gave (a) 0.6-0.7 of the windows between, while the same code on a warm cluster
+    ran at 0.95-1.05 of windows taken the way they are here: a run frozen with tasks in flight
+    is not the run a user has.)
 (c) CLAM's extractor, re-implemented: a ``torch.utils.data.DataLoader`` over a
     ``Whole_Slide_Bag_FP``-style dataset. Coordinates come from an HDF5 file made CLAM's way:
     its segmentation at the level nearest 64x (``tiling.clam_segment``, with ``a_t = 1`` so
@@ -39,19 +53,19 @@ random weights run at the same speed), three ways:
     per batch. ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with
     CUDA. Model load and patching are not timed.
 
-Peak RSS: the (a) processes of a small and a 16x larger resection-like slide (each after the
-54-patch warm-up slide), as ``VmHWM`` from /proc (exact high-water marks): the client process,
-which also runs the scheduler and the nannies, read when ``extract_archive`` returns, and its
-descendants (the largest worker), polled every 0.2 s with the peak of the tree's summed RSS.
-(``getrusage`` would not do: ``ru_maxrss`` keeps the parent's high-water mark across fork and
-exec.)
+Peak RSS: two more (a) runs of efficientnet_lite0, each one ``extract_archive`` call in a
+fresh process (LocalCluster and all, the way ``slidepipe extract`` runs): the 54-patch warm-up
+slide then a small (10240², 768 patches) or a 16x larger (40960², 11 888 patches, the
+representative resection of benchmarks/README.md) resection-like slide; ``VmHWM`` from /proc
+(exact high-water marks) of the client process, which also runs the scheduler and the nannies,
+read when ``extract_archive`` returns, and of its descendants (the largest worker), polled every
+0.2 s with the peak of the tree's summed RSS. (``getrusage`` would not do: ``ru_maxrss`` keeps
+the parent's high-water mark across fork and exec.) Their rates, start-up (time to the first
+chunk minus its patches at the steady rate) and tail are shown too.
 
-Slides: ``tests.builders.build_resection_svs`` at 10240² (768 patches) and 40960² (11 888,
-the representative resection of benchmarks/README.md), cached in ``benchmarks/_data/``; real
-tissue, Aperio JPEG Q=70. (a) is the 40960² archive for both backbones (11 942 patches with the
-warm-up slide; a nightly run likewise pays its start-up once for an archive), and for
-efficientnet_lite0 also the 10240² one, the small slide of the RSS comparison. (b) uses 512 /
-256 patches per process, (c) half as many.
+Slides: ``tests.builders.build_resection_svs`` at 10240², 20480² (3024 patches) and 40960²,
+cached in ``benchmarks/_data/``; real tissue, Aperio JPEG Q=70. (b) cycles through 512 / 256
+patches of the 10240² slide per process, (c) runs half as many.
 
 Every step also reports the share of the CPUs that other processes (or the hypervisor) took
 meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is printed above 5 %.
@@ -59,7 +73,8 @@ meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is pri
 Targets: on a CPU, (a) ≥ 0.9 x (b) for both backbones; on a GPU (only when
 ``torch.cuda.is_available()``), (a) ≥ 0.9 x (b) and (a) ≥ 2 x (c); peak RSS of client and worker
 on the larger slide within 10 % of the smaller one. ``--quick``: 3072² and 6144² slides, 64
-patches, efficientnet_lite0 only, (b) only before (a) (about a minute).
+patches, 3 s windows, efficientnet_lite0 only (about 2 minutes; a smoke run, its slides are too
+small for meaningful ratios).
 """
 
 from __future__ import annotations
@@ -68,12 +83,14 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,7 +111,7 @@ from _common import (
 
 import wsi
 from pipelines.backbones import load_backbone
-from pipelines.cluster import ClusterConfig, default_torch_threads, default_workers
+from pipelines.cluster import ClusterConfig, dask_client, default_torch_threads, default_workers
 from pipelines.config import SlidepipeConfig, load_config
 from pipelines.discovery import SlideEntry
 from pipelines.extract import extract_archive
@@ -107,6 +124,10 @@ TARGET_VS_CLAM_GPU = 2.0
 TARGET_RSS_GROWTH = 1.10
 #: Above this share of the CPUs taken by other processes during a step, a warning is printed.
 NOISY_SHARE = 0.05
+#: Seconds of one (b) window (``--quick``: 3).
+WINDOW_SECONDS = 12.0
+#: The session's archive: this many calls, the first one with the warm-up slide.
+PARTS = 3
 
 #: The backbones measured: (name, pretrained).
 BACKBONES = (("efficientnet_lite0", True), ("resnet50_trunc", False))
@@ -117,7 +138,7 @@ T = TypeVar("T")
 WARMUP_ID = "CMU-1-Small-Region"
 
 
-# -- the slidepipe run, in a fresh process ----------------------------------------------------
+# -- the child processes: (a) extractions and (b) backbones -----------------------------------
 class TreeSampler(threading.Thread):
     """Polls this process's descendants: the last ``VmHWM`` seen of each (it only grows) and
     the peak of the tree's summed RSS."""
@@ -151,9 +172,12 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def slidepipe_config(backbone: str, pretrained: bool) -> SlidepipeConfig:
-    """The default configuration with only the backbone chosen."""
-    return load_config(None, {"backbone": {"name": backbone, "pretrained": pretrained}})
+def slidepipe_config(backbone: str, pretrained: bool, scheduler: str | None = None
+                     ) -> SlidepipeConfig:
+    """The default configuration with only the backbone (and an existing cluster's scheduler)
+    chosen."""
+    return load_config(None, {"backbone": {"name": backbone, "pretrained": pretrained},
+                              "cluster": {"scheduler": scheduler}})
 
 
 def reap_forkserver() -> None:
@@ -168,8 +192,12 @@ def reap_forkserver() -> None:
 
 
 def child_main(spec: dict[str, Any]) -> int:
-    """In a fresh process: run one (b) process or one extraction; print the figures as one
-    JSON line. A (b) process prints ``READY_MARK`` once warm and starts at a line on stdin."""
+    """In a fresh process: be one warm (b) process, a slidepipe session or one extraction; print
+    the figures as marked JSON lines. A (b) process prints ``READY_MARK`` once warm, then for
+    each line on stdin (a window's length in seconds) runs batches until that long has passed
+    and prints how many patches it embedded in how long. A session starts slidepipe's
+    LocalCluster, prints ``READY_MARK`` and runs one ``extract_archive`` on it per line on stdin
+    (the entries and output folder). One extraction also reports its processes' memory peaks."""
     config = slidepipe_config(spec["backbone"], spec["pretrained"])
     if spec["mode"] == "ceiling":
         torch.set_num_threads(spec["threads"])
@@ -178,40 +206,190 @@ def child_main(spec: dict[str, Any]) -> int:
         batch = config.backbone.batch_size
         embedder(patches[:batch])
         print(READY_MARK, flush=True)
-        sys.stdin.readline()
-        for first in range(0, len(patches), batch):
-            embedder(patches[first:first + batch])
-        print(RESULT_MARK + json.dumps({"end": time.time()}), flush=True)
+        while line := sys.stdin.readline():
+            seconds, done, start = float(line), 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                first = done % len(patches)
+                embedder(patches[first:first + batch])
+                done += len(patches[first:first + batch])
+            print(RESULT_MARK + json.dumps({"patches": done,
+                                            "seconds": time.perf_counter() - start}), flush=True)
         return 0
-    entries = [SlideEntry(path=Path(path), slide_id=slide_id) for path, slide_id in
-               spec["entries"]]
+    if spec["mode"] == "session":
+        start = time.time()
+        with dask_client(config.cluster, announce=lambda _: None) as client:
+            ready = time.time()
+            on_cluster = slidepipe_config(spec["backbone"], spec["pretrained"],
+                                          scheduler=client.scheduler.address)
+            print(READY_MARK + json.dumps({"start": start, "ready": ready}), flush=True)
+            while line := sys.stdin.readline():
+                command = json.loads(line)
+                print(RESULT_MARK + json.dumps(extraction_report(
+                    on_cluster, command["entries"], command["out"])), flush=True)
+        return 0
+    sampler = TreeSampler()
+    sampler.start()
+    report = extraction_report(config, spec["entries"], spec["out"])
+    reap_forkserver()
+    sampler.stop()
+    report.update(client_peak=peak_rss(), worker_peak=max(sampler.peaks.values(), default=0),
+                  polled_tree=sampler.tree)
+    print(RESULT_MARK + json.dumps(report), flush=True)
+    return 0
+
+
+def extraction_report(config: SlidepipeConfig, entries: list[list[str]], out: str
+                      ) -> dict[str, Any]:
+    """``extract_archive`` over ``entries`` ([path, slide_id]): its start and end, when each
+    chunk landed and each slide's result."""
     marks: list[tuple[float, str, int]] = []
 
     def progress(slide_id: str, done: int, total: int) -> None:
         marks.append((time.time(), slide_id, done))
 
-    sampler = TreeSampler()
-    sampler.start()
     start = time.time()
-    results = extract_archive(entries, config, Path(spec["out"]), on_progress=progress)
-    end = time.time()
-    reap_forkserver()
-    sampler.stop()
-    own = peak_rss()
-    report = {
-        "start": start, "end": end, "marks": marks,
-        "results": [{"slide_id": r.slide_id, "status": r.status, "patches": r.patches,
-                     "error": r.error} for r in results],
-        "client_peak": own, "worker_peak": max(sampler.peaks.values(), default=0),
-        "polled_tree": sampler.tree,
-    }
-    print(RESULT_MARK + json.dumps(report), flush=True)
-    return 0
+    results = extract_archive([SlideEntry(path=Path(path), slide_id=slide_id)
+                               for path, slide_id in entries], config, Path(out),
+                              on_progress=progress)
+    return {"start": start, "end": time.time(), "marks": marks,
+            "results": [{"slide_id": r.slide_id, "status": r.status, "patches": r.patches,
+                         "error": r.error} for r in results]}
 
 
+# -- (b) the ceiling, and the processes the benchmark talks to ---------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """How the backbone's processes share the machine: ``processes`` x ``threads`` torch
+    threads."""
+
+    processes: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.processes}x{self.threads}"
+
+
+def child_command(spec: dict[str, Any]) -> list[str]:
+    """The command running this script with ``--child spec``."""
+    return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+
+
+def child_failed(label: str, returncode: int | None, stdout: str, stderr: str) -> SystemExit:
+    """The error that ends the benchmark when one of its processes failed."""
+    return SystemExit(f"{label}: the benchmark process failed ({returncode}):\n"
+                      f"{stdout[-3000:]}\n{stderr[-3000:]}")
+
+
+class Conversation:
+    """A child process of this script that takes commands on stdin and answers with marked
+    lines on stdout; its stderr is kept in a file, shown if it fails."""
+
+    def __init__(self, label: str, spec: dict[str, Any], new_session: bool = False) -> None:
+        self.label = label
+        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
+        self.child = subprocess.Popen(child_command(spec), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self.errors, text=True,
+                                      start_new_session=new_session)
+
+    def send(self, line: str) -> None:
+        """Write one command line."""
+        assert self.child.stdin is not None
+        self.child.stdin.write(line + "\n")
+        self.child.stdin.flush()
+
+    def read_until(self, mark: str) -> str:
+        """The rest of the first output line that starts with ``mark``."""
+        assert self.child.stdout is not None
+        seen = []
+        for line in self.child.stdout:
+            if line.startswith(mark):
+                return line[len(mark):]
+            seen.append(line)
+        self.child.wait()
+        self.errors.seek(0)
+        raise child_failed(self.label, self.child.returncode, "".join(seen), self.errors.read())
+
+    def close(self) -> None:
+        """End the process (EOF on its stdin)."""
+        if self.child.stdin is not None:
+            self.child.stdin.close()
+        try:
+            self.child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+        self.errors.close()
+
+
+class CeilingPool:
+    """The warm (b) processes of one layout, idle (blocked on stdin) between windows."""
+
+    def __init__(self, label: str, spec: dict[str, Any], layout: Layout) -> None:
+        self.layout = layout
+        self.processes = [Conversation(f"{label} (b) {layout}",
+                                       {**spec, "threads": layout.threads})
+                          for _ in range(layout.processes)]
+        for process in self.processes:
+            process.read_until(READY_MARK)
+
+    def window(self, seconds: float) -> float:
+        """Patches/s of all the processes, started together, each running batches until
+        ``seconds`` have passed (the sum of their rates: each rate counts its last batch's
+        patches and time)."""
+        for process in self.processes:
+            process.send(str(seconds))
+        reports = [json.loads(process.read_until(RESULT_MARK)) for process in self.processes]
+        return sum(report["patches"] / report["seconds"] for report in reports)
+
+    def close(self) -> None:
+        """End the processes."""
+        for process in self.processes:
+            process.close()
+
+
+@dataclass(frozen=True)
+class Window:
+    """One (b) window: its layout, patches/s and the share of the CPUs others took."""
+
+    layout: Layout
+    rate: float
+    others: float
+
+
+def group_processes(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group ``pgid``."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+@contextmanager
+def frozen(pgid: int) -> Iterator[None]:
+    """Every process of group ``pgid`` stopped (``SIGSTOP``, waiting until all are) inside the
+    block, resumed (``SIGCONT``) after it."""
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while any(process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+                  for process in group_processes(pgid)):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the processes of group {pgid} did not stop")
+            time.sleep(0.005)
+        yield
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+
+
+# -- (a) slidepipe, in fresh processes ---------------------------------------------------------
 @dataclass
 class SlideRun:
-    """One (a) run: what it processed, when its chunks landed, and its memory peaks."""
+    """One ``extract_archive`` call: what it processed, when its chunks landed, and the memory
+    peaks of its processes."""
 
     label: str
     backbone: str
@@ -261,93 +439,83 @@ class SlideRun:
         return self.start - self.launched
 
 
-def child_command(spec: dict[str, Any]) -> list[str]:
-    """The command running this script with ``--child spec``."""
-    return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-
-
-def result_line(label: str, returncode: int | None, stdout: str, stderr: str) -> dict[str, Any]:
-    """The JSON report a child printed, or exit naming what failed."""
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if returncode != 0 or not lines:
-        raise SystemExit(f"{label}: the benchmark process failed ({returncode}):\n"
-                         f"{stdout[-3000:]}\n{stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
-
-
-def run_child(label: str, spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(launch time, JSON report) of this script run with ``--child spec``."""
-    launched = time.time()
-    done = subprocess.run(child_command(spec), capture_output=True, text=True, check=False)
-    return launched, result_line(label, done.returncode, done.stdout, done.stderr)
-
-
-def run_slidepipe(label: str, backbone: str, pretrained: bool,
-                  slides: list[tuple[Path, str, int]], work: Path, templates: Path) -> SlideRun:
-    """(a): extract ``slides`` ((path, slide_id, patches)) in a fresh process, their grids
-    copied from ``templates``."""
+def extraction_spec(label: str, slides: list[BenchSlide], work: Path, templates: Path
+                    ) -> dict[str, Any]:
+    """The entries and output folder of one extraction, the slides' grids copied from
+    ``templates`` into the folder."""
     out = work / label
     out.mkdir(parents=True)
-    for _, slide_id, _ in slides:
-        shutil.copytree(templates / slide_id, out / slide_id)
-    spec = {"mode": "extract", "backbone": backbone, "pretrained": pretrained,
-            "out": str(out), "entries": [[str(path), slide_id] for path, slide_id, _ in slides]}
-    launched, report = run_child(label, spec)
+    for slide in slides:
+        if not (out / slide.slide_id).exists():
+            shutil.copytree(templates / slide.slide_id, out / slide.slide_id)
+    return {"out": str(out), "entries": [[str(s.path), s.slide_id] for s in slides]}
+
+
+def slide_run(label: str, backbone: str, slides: list[BenchSlide], launched: float,
+              report: dict[str, Any]) -> SlideRun:
+    """The :class:`SlideRun` of an extraction's report; exits if a slide failed."""
     failed = [r for r in report["results"] if r["status"] != "ok"]
     if failed:
         raise SystemExit(f"{label}: slides not extracted: {failed}")
-    shutil.rmtree(out)
     chunks: list[tuple[float, int]] = []
     done_by_slide: dict[str, int] = {}
     for when, slide_id, done_patches in sorted(report["marks"]):
         chunks.append((when, done_patches - done_by_slide.get(slide_id, 0)))
         done_by_slide[slide_id] = done_patches
-    counted = {r["slide_id"]: r["patches"] for r in report["results"]}
-    assert done_by_slide == counted, (done_by_slide, counted)
-    return SlideRun(label, backbone, [(slide_id, count) for _, slide_id, count in slides],
-                    launched, report["start"], report["end"], chunks, report["client_peak"],
-                    report["worker_peak"], report["polled_tree"])
+    patches = [r["patches"] for r in report["results"]]
+    assert sum(done_by_slide.values()) == sum(patches), (done_by_slide, patches)
+    return SlideRun(label, backbone, [(s.slide_id, s.patches) for s in slides], launched,
+                    report["start"], report["end"], chunks, report.get("client_peak", 0),
+                    report.get("worker_peak", 0), report.get("polled_tree", 0))
 
 
-# -- (b) the ceiling ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    """How the backbone's processes share the machine: ``processes`` x ``threads`` torch
-    threads."""
+def run_slidepipe(label: str, backbone: str, pretrained: bool, slides: list[BenchSlide],
+                  work: Path, templates: Path) -> SlideRun:
+    """One ``extract_archive`` call in a fresh process, LocalCluster and all."""
+    spec = {"mode": "extract", "backbone": backbone, "pretrained": pretrained,
+            **extraction_spec(label, slides, work, templates)}
+    launched = time.time()
+    done = subprocess.run(child_command(spec), capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        raise child_failed(label, done.returncode, done.stdout, done.stderr)
+    shutil.rmtree(spec["out"])
+    return slide_run(label, backbone, slides, launched, json.loads(lines[-1][len(RESULT_MARK):]))
 
-    processes: int
-    threads: int
 
-    def __str__(self) -> str:
-        return f"{self.processes}x{self.threads}"
+class SlidepipeSession:
+    """slidepipe's LocalCluster, started in a fresh process and kept: the archive's parts are
+    extracted on it one call at a time (``extract_archive`` on the running scheduler, as
+    ``--scheduler`` does), with (b) windows between the calls while the whole process group is
+    frozen."""
 
+    def __init__(self, label: str, backbone: str, pretrained: bool) -> None:
+        self.label = label
+        self.backbone = backbone
+        launched = time.time()
+        self.process = Conversation(label, {"mode": "session", "backbone": backbone,
+                                            "pretrained": pretrained}, new_session=True)
+        ready = json.loads(self.process.read_until(READY_MARK))
+        self.imports = ready["start"] - launched
+        self.cluster_start = ready["ready"] - ready["start"]
 
-def ceiling_rate(label: str, spec: dict[str, Any], layout: Layout) -> float:
-    """Patches/s of ``layout.processes`` (b) processes started together once all are warm."""
-    children = [subprocess.Popen(child_command({**spec, "threads": layout.threads}),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-                for _ in range(layout.processes)]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            if not any(line.startswith(READY_MARK) for line in child.stdout):
-                stdout, stderr = child.communicate()
-                result_line(label, child.returncode, stdout, stderr)
-        go = time.time()
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        ends = []
-        for child in children:
-            stdout, stderr = child.communicate()
-            ends.append(result_line(label, child.returncode, stdout, stderr)["end"])
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    return layout.processes * spec["patches"] / (max(ends) - go)
+    def extract(self, label: str, slides: list[BenchSlide], work: Path, templates: Path
+                ) -> SlideRun:
+        """One ``extract_archive`` call over ``slides`` on the session's cluster."""
+        spec = extraction_spec(label, slides, work, templates)
+        start = time.time()
+        self.process.send(json.dumps(spec))
+        report = json.loads(self.process.read_until(RESULT_MARK))
+        shutil.rmtree(spec["out"])
+        return slide_run(label, self.backbone, slides, start, report)
+
+    def frozen(self) -> AbstractContextManager[None]:
+        """The session's processes stopped inside the block."""
+        return frozen(self.process.child.pid)
+
+    def close(self) -> None:
+        """Close the cluster and end the process."""
+        self.process.close()
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -392,29 +560,59 @@ class BackboneResult:
     """(a), (b) and (c) of one backbone."""
 
     name: str
-    run: SlideRun
-    ceilings: list[tuple[Layout, float, float]]
-    """(layout, patches/s, others' CPU share) of each (b), before and after (a) (before only
-    with ``--quick``)."""
+    cluster_start: float
+    """Seconds to start slidepipe's LocalCluster in the session."""
+    parts: list[SlideRun]
+    """The session's ``extract_archive`` calls, one per part of the archive."""
+    rounds: list[list[Window]]
+    """The (b) windows before the first part and after each part."""
     clam: float
     """(c) patches/s."""
 
+    @property
+    def windows(self) -> list[Window]:
+        return [window for windows in self.rounds for window in windows]
+
+    def rates_of(self, layout: Layout) -> list[float]:
+        """``layout``'s window rates, leaving out those taken while other processes took more
+        than ``NOISY_SHARE`` of the CPUs when any other one is clean."""
+        windows = [window for window in self.windows if window.layout == layout]
+        clean = [window.rate for window in windows if window.others <= NOISY_SHARE]
+        return clean or [window.rate for window in windows]
+
     def b_of(self, layout: Layout) -> float:
-        """The mean of ``layout``'s (b) rates, leaving out one measured while other processes
-        took more than ``NOISY_SHARE`` of the CPUs if another one was clean."""
-        rates = [(rate, share) for measured, rate, share in self.ceilings if measured == layout]
-        kept = [rate for rate, share in rates if share <= NOISY_SHARE] or [r for r, _ in rates]
-        return sum(kept) / len(kept)
+        """The mean of ``layout``'s window rates."""
+        rates = self.rates_of(layout)
+        return sum(rates) / len(rates)
 
     @property
     def layouts(self) -> list[Layout]:
         """The layouts (b) was measured in, in order."""
-        return list(dict.fromkeys(layout for layout, _, _ in self.ceilings))
+        return list(dict.fromkeys(window.layout for window in self.windows))
 
     @property
     def b(self) -> float:
         """The ceiling: the faster layout."""
         return max(self.b_of(layout) for layout in self.layouts)
+
+    @property
+    def patches(self) -> int:
+        return sum(part.patches for part in self.parts)
+
+    @property
+    def wall(self) -> float:
+        """The cluster's start plus every ``extract_archive`` call."""
+        return self.cluster_start + sum(part.wall for part in self.parts)
+
+    @property
+    def all_in(self) -> float:
+        """(a): all patches over the cluster's start and every call."""
+        return self.patches / self.wall
+
+    def b_around(self, part: int) -> float:
+        """The ceiling of the windows just before and just after part ``part``."""
+        return sum(max(window.rate for window in self.rounds[index])
+                   for index in (part, part + 1)) / 2
 
 
 def cpu_busy_seconds() -> float:
@@ -426,31 +624,41 @@ def cpu_busy_seconds() -> float:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its reaped descendants."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    """CPU seconds of this process and its descendants: the live ones' own and the reaped
+    ones' (counted in their parents' ``children_*``)."""
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def measured(function: Callable[[], T]) -> tuple[T, float, float]:
+    """(result, wall seconds, share of all cores that other processes (or the hypervisor's
+    steal) took meanwhile) of ``function()``: the machine's busy CPU time minus this
+    benchmark's."""
+    wall, busy, own = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
+    result = function()
+    wall = time.perf_counter() - wall
+    others = (cpu_busy_seconds() - busy) - (own_cpu_seconds() - own)
+    return result, wall, max(0.0, others) / (wall * (os.cpu_count() or 1))
 
 
 class Steps:
-    """Times each step and how much of the machine other processes took meanwhile (the
-    machine's busy CPU time minus this benchmark's, as a share of all cores)."""
+    """Each step's wall time and the share of the machine other processes took meanwhile."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, float, float]] = []
 
     def run(self, label: str, function: Callable[[], T]) -> T:
-        print(f"{label}… (load {os.getloadavg()[0]:.2f})", flush=True)
-        wall, busy, own = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
-        result = function()
-        wall = time.perf_counter() - wall
-        others = (cpu_busy_seconds() - busy) - (own_cpu_seconds() - own)
-        self.records.append((label, wall, max(0.0, others) / (wall * (os.cpu_count() or 1))))
+        print(f"{label}… (load {loadavg()})", flush=True)
+        result, wall, share = measured(function)
+        self.records.append((label, wall, share))
         return result
-
-    @property
-    def last_share(self) -> float:
-        """The others' share during the latest step."""
-        return self.records[-1][2]
 
     @property
     def noisy(self) -> list[str]:
@@ -479,12 +687,50 @@ def measure_clam(name: str, pretrained: bool, small: BenchSlide, templates: Path
     return patches / seconds
 
 
+def measure_session(name: str, pretrained: bool, spec: dict[str, Any], layouts: list[Layout],
+                    parts: list[list[BenchSlide]], window_seconds: float, work: Path,
+                    templates: Path, steps: Steps, clam: float) -> BackboneResult:
+    """(a) and (b) of one backbone: a slidepipe session extracting ``parts`` one call each, with
+    a round of (b) windows (one per layout, the session frozen) before the first call and after
+    each."""
+    session = steps.run(f"{name}: (a) starting slidepipe's LocalCluster in a fresh process",
+                        lambda: SlidepipeSession(name, name, pretrained))
+    try:
+        pools = steps.run(f"{name}: (b) warming {', '.join(map(str, layouts))} processes, "
+                          f"{spec['patches']} patches each",
+                          lambda: [CeilingPool(name, spec, layout) for layout in layouts])
+        try:
+            def windows(round_index: int) -> list[Window]:
+                """One window per layout, in turn first and last from one round to the next."""
+                with session.frozen():
+                    return [Window(pool.layout, *measured(lambda pool=pool: pool.window(
+                        window_seconds))[::2])
+                        for pool in (pools if round_index % 2 == 0 else pools[::-1])]
+
+            rounds = [windows(0)]
+            runs = []
+            for index, slides in enumerate(parts, start=1):
+                label = f"{name}-part{index}"
+                runs.append(steps.run(
+                    f"{name}: (a) call {index}/{len(parts)}: "
+                    f"{', '.join(slide.slide_id for slide in slides)}",
+                    lambda label=label, slides=slides: session.extract(label, slides, work,
+                                                                        templates)))
+                rounds.append(windows(index))
+        finally:
+            for pool in pools:
+                pool.close()
+    finally:
+        session.close()
+    return BackboneResult(name, session.cluster_start, runs, rounds, clam)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0 (targets are reported, not enforced)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3072² and 6144² slides, 64 patches for (b) and (c), "
-                             "efficientnet_lite0 only, (b) before (a) only")
+                             "3 s windows, efficientnet_lite0 only")
     parser.add_argument("--backbone", choices=[name for name, _ in BACKBONES],
                         help="measure only this backbone")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -493,7 +739,9 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(json.loads(args.child))
 
     quick = args.quick
-    sides = {"small": 3072, "large": 6144} if quick else {"small": 10240, "large": 40960}
+    sides = ({"small": 3072, "large": 6144, "part": 6144} if quick else
+             {"small": 10240, "large": 40960, "part": 20480})
+    window_seconds = 3.0 if quick else WINDOW_SECONDS
     samples = {"efficientnet_lite0": 64} if quick else {"efficientnet_lite0": 512,
                                                         "resnet50_trunc": 256}
     samples = {name: count for name, count in samples.items()
@@ -526,37 +774,28 @@ def main(argv: list[str] | None = None) -> int:
 
         steps = Steps()
 
-        def extract(label: str, name: str, pretrained: bool, slide: BenchSlide) -> SlideRun:
-            return steps.run(f"{name}: (a) slidepipe on {warm.slide_id}, {slide.slide_id}",
-                             lambda: run_slidepipe(label, name, pretrained, [
-                                 (s.path, s.slide_id, s.patches) for s in (warm, slide)],
-                                 work, templates))
-
-        def ceilings(name: str, spec: dict[str, Any], when: str
-                     ) -> list[tuple[Layout, float, float]]:
-            return [(layout, steps.run(
-                f"{name}: (b) ceiling {layout}, {spec['patches']} patches per process ({when})",
-                lambda layout=layout: ceiling_rate(f"{name} ceiling", spec, layout)),
-                steps.last_share) for layout in layouts]
+        def fresh_run(label: str, name: str, pretrained: bool, slide: BenchSlide) -> SlideRun:
+            return steps.run(f"{name}: (a) one fresh slidepipe run on {warm.slide_id}, "
+                             f"{slide.slide_id}",
+                             lambda: run_slidepipe(label, name, pretrained, [warm, slide],
+                                                   work, templates))
 
         results: list[BackboneResult] = []
         rss_runs: list[tuple[BenchSlide, SlideRun]] = []
+        part = slides["part"]
+        parts = [[warm, part], *[[part]] * (PARTS - 1)]
         for name, pretrained in BACKBONES:
             if name not in samples:
                 continue
             small = slides["small"]
             clam = measure_clam(name, pretrained, small, templates, work,
                                 max(64, samples[name] // 2), steps)
+            if name == "efficientnet_lite0":
+                rss_runs = [(slide, fresh_run(f"{name}-{size}", name, pretrained, slide))
+                            for size, slide in (("small", small), ("large", slides["large"]))]
             spec = ceiling_spec(name, pretrained, small, templates, samples[name])
-            measured = ceilings(name, spec, "before a")
-            if name == "efficientnet_lite0":
-                rss_runs.append((small, extract(f"{name} small", name, pretrained, small)))
-            run = extract(f"{name} large", name, pretrained, slides["large"])
-            if name == "efficientnet_lite0":
-                rss_runs.append((slides["large"], run))
-            if not quick:
-                measured += ceilings(name, spec, "after a")
-            results.append(BackboneResult(name, run, measured, clam))
+            results.append(measure_session(name, pretrained, spec, layouts, parts,
+                                           window_seconds, work, templates, steps, clam))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, rss_runs, warm, cuda, steps)
@@ -571,34 +810,51 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
           "hypervisor's steal) took meanwhile")
     print_table(["step", "wall", "others"], [[label, f"{wall:.1f} s", f"{share:.0%}"]
                                              for label, wall, share in steps.records])
-    runs = [*(run for _, run in rss_runs[:1]), *(r.run for r in results)]
-    print(f"\n(a) slidepipe runs: a fresh process each, {warm.slide_id} ({warm.patches} "
-          "patches) first, default config; seconds inside extract_archive unless noted")
-    print_table(["run", "patches", "process + imports (not in a)", "extract_archive",
-                 "all-in", "start-up", "steady", "tail"],
-                [[r.label, r.patches, f"{r.imports:.1f} s", f"{r.wall:.1f} s",
-                  f"{r.all_in:.1f}/s", f"{r.startup:.1f} s", f"{r.steady:.1f}/s",
-                  f"{r.tail:.1f} s"] for r in runs])
-    print("start-up: to the first chunk (the warm-up slide) minus its patches at the steady "
-          "rate; tail: last chunk to return (finalise, export, cluster shutdown)")
+    if rss_runs:
+        print(f"\n(a) one fresh slidepipe run each (the RSS comparison): {warm.slide_id} "
+              f"({warm.patches} patches) first, default config; seconds inside extract_archive "
+              "unless noted")
+        print_table(["run", "patches", "process + imports (not timed)", "extract_archive",
+                     "all-in", "start-up", "steady", "tail"],
+                    [[r.label, r.patches, f"{r.imports:.1f} s", f"{r.wall:.1f} s",
+                      f"{r.all_in:.1f}/s", f"{r.startup:.1f} s", f"{r.steady:.1f}/s",
+                      f"{r.tail:.1f} s"] for _, r in rss_runs])
+        print("start-up: to the first chunk (the warm-up slide) minus its patches at the "
+              "steady rate; tail: last chunk to return (finalise, export, cluster shutdown)")
 
-    print("\npatches/s per backbone: (a) slidepipe all-in [steady]; (b) the backbone alone on "
-          "decoded uint8 batches, per layout (processes x torch threads; before, after a; * = "
-          "others took over 5 % of the CPUs), the ceiling is the faster layout; (c) CLAM-style "
-          "DataLoader")
+    for r in results:
+        print(f"\n(a) {r.name}: slidepipe's LocalCluster started in {r.cluster_start:.1f} s, "
+              f"then the archive in {len(r.parts)} extract_archive calls on it; (b) the "
+              "ceiling of the windows just before and just after each call")
+        print_table(["call", "slides", "patches", "extract_archive", "all-in", "(b) around",
+                     "a/b"],
+                    [[index, ", ".join(slide_id for slide_id, _ in part.slides), part.patches,
+                      f"{part.wall:.1f} s", f"{part.all_in:.1f}/s",
+                      f"{r.b_around(index - 1):.1f}/s",
+                      f"{part.all_in / r.b_around(index - 1):.2f}"]
+                     for index, part in enumerate(r.parts, start=1)])
+
+    print("\npatches/s per backbone: (a) slidepipe all-in: all the calls' patches over the "
+          "cluster's start and every call; (b) the backbone alone on decoded uint8 batches, in "
+          "windows while slidepipe's processes were frozen, per layout (processes x torch "
+          "threads): mean of the windows (count, min-max; * = windows during which others took "
+          "over 5 % of the CPUs, left out of the mean); the ceiling is the faster layout; (c) "
+          "CLAM-style DataLoader")
     rows = []
     for r in results:
-        per_layout = "; ".join(
-            f"{layout}: {r.b_of(layout):.1f} (" + ", ".join(
-                f"{rate:.1f}" + ("*" if share > NOISY_SHARE else "")
-                for measured, rate, share in r.ceilings if measured == layout) + ")"
-            for layout in r.layouts)
-        rows.append([r.name, r.run.patches, f"{r.run.all_in:.1f} [{r.run.steady:.1f}]",
-                     per_layout, f"{r.b:.1f}", f"{r.clam:.1f}",
-                     f"{r.run.all_in / r.b:.2f} [{r.run.steady / r.b:.2f}]",
-                     f"{r.run.all_in / r.clam:.2f}", f"{r.clam / r.b:.2f}"])
-    print_table(["backbone", "(a) patches", "(a) all-in [steady]", "(b) per layout",
-                 "(b) ceiling", "(c) CLAM", "a/b [steady/b]", "a/c", "c/b"], rows)
+        per_layout = []
+        for layout in r.layouts:
+            rates = [window.rate for window in r.windows if window.layout == layout]
+            noisy = sum(window.others > NOISY_SHARE for window in r.windows
+                        if window.layout == layout)
+            per_layout.append(f"{layout}: {r.b_of(layout):.1f} ({len(rates)}, "
+                              f"{min(rates):.1f}-{max(rates):.1f}" +
+                              (f", {noisy}*" if noisy else "") + ")")
+        rows.append([r.name, r.patches, f"{r.all_in:.1f}", "; ".join(per_layout),
+                     f"{r.b:.1f}", f"{r.clam:.1f}", f"{r.all_in / r.b:.2f}",
+                     f"{r.all_in / r.clam:.2f}", f"{r.clam / r.b:.2f}"])
+    print_table(["backbone", "(a) patches", "(a) all-in", "(b) per layout", "(b) ceiling",
+                 "(c) CLAM", "a/b", "a/c", "c/b"], rows)
 
     print()
     for name, _ in BACKBONES:
@@ -607,19 +863,19 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
                   "--backbone)")
     for r in results:
         verdict(f"a >= {TARGET_VS_CEILING:g} x b ({'GPU' if cuda else 'CPU'}, {r.name})",
-                r.run.all_in >= TARGET_VS_CEILING * r.b,
-                f"a/b = {r.run.all_in / r.b:.2f} all-in ({r.run.all_in:.1f} vs {r.b:.1f} "
-                f"patches/s, {r.run.patches} patches; steady {r.run.steady / r.b:.2f}, "
-                f"start-up {r.run.startup:.1f} s)")
+                r.all_in >= TARGET_VS_CEILING * r.b,
+                f"a/b = {r.all_in / r.b:.2f} all-in ({r.all_in:.1f} vs {r.b:.1f} patches/s, "
+                f"{r.patches} patches in {len(r.parts)} calls; cluster start "
+                f"{r.cluster_start:.1f} s; per call " +
+                ", ".join(f"{part.all_in / r.b_around(index):.2f}"
+                          for index, part in enumerate(r.parts)) + ")")
         if cuda:
             verdict(f"a >= {TARGET_VS_CLAM_GPU:g} x c (GPU, {r.name})",
-                    r.run.all_in >= TARGET_VS_CLAM_GPU * r.clam,
-                    f"a/c = {r.run.all_in / r.clam:.2f} ({r.run.all_in:.1f} vs {r.clam:.1f} "
-                    "patches/s)")
+                    r.all_in >= TARGET_VS_CLAM_GPU * r.clam,
+                    f"a/c = {r.all_in / r.clam:.2f} ({r.all_in:.1f} vs {r.clam:.1f} patches/s)")
     if steps.noisy:
         print(f"WARN  other processes took over {NOISY_SHARE:.0%} of the CPUs during: "
-              f"{'; '.join(steps.noisy)}. Figures from those steps are not clean (a (b) marked "
-              "* is left out of its layout's mean when the other one is clean)")
+              f"{'; '.join(steps.noisy)}. Figures from those steps are not clean")
     if not cuda:
         print(f"----  GPU targets (a >= {TARGET_VS_CEILING:g} x b, a >= {TARGET_VS_CLAM_GPU:g} "
               "x c on a GPU): not measured here (no CUDA device)")

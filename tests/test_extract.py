@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -199,7 +200,8 @@ def test_import_features_cli_brings_clam_files_in(real_run: Path, tmp_path: Path
 
 
 def test_local_workers_are_started_for_cpu_inference() -> None:
-    """LocalCluster workers get one malloc arena and no stack-sampling profiler (ADR 0004)."""
+    """LocalCluster workers get one malloc arena and no stack-sampling profiler (ADR 0004), and
+    the cluster's housekeeping runs less often than Dask's defaults (LOCAL_HOUSEKEEPING)."""
     from pipelines.cluster import ClusterConfig, dask_client
 
     def worker_settings() -> tuple[str | None, bool]:
@@ -208,8 +210,21 @@ def test_local_workers_are_started_for_cpu_inference() -> None:
         return (os.environ.get("MALLOC_ARENA_MAX"),
                 bool(dask.config.get("distributed.worker.profile.enabled")))
 
+    def intervals(dask_worker: Any) -> dict[str, float]:
+        return {name: callback.callback_time
+                for name, callback in dask_worker.periodic_callbacks.items()
+                if name in ("tick", "monitor", "memory_monitor")}
+
+    def scheduler_intervals(dask_scheduler: Any) -> dict[str, float]:
+        return intervals(dask_scheduler)
+
     with dask_client(ClusterConfig(workers=1, dashboard=None)) as client:
         assert client.submit(worker_settings).result() == ("1", False)
+        # Dask's housekeeping in milliseconds: worker, nanny and scheduler.
+        expected = {"tick": 500, "monitor": 2000, "memory_monitor": 500}
+        assert list(client.run(intervals).values()) == [expected]
+        assert list(client.run(intervals, nanny=True).values()) == [expected]
+        assert client.run_on_scheduler(scheduler_intervals) == {"tick": 500, "monitor": 2000}
     with dask_client(ClusterConfig(workers=1, dashboard=None, profile=True)) as client:
         assert client.submit(worker_settings).result() == ("1", True)
 
