@@ -17,8 +17,9 @@ LocalCluster workers are started for CPU inference (ADR 0004): glibc gets one ma
 thread and thread arenas cannot keep a batch's 100 MB activations, which are then mapped and
 page-faulted afresh on every forward pass (half the speed of the same code in a main thread);
 and Dask's statistical profiler (a 10 ms stack sampler that holds the GIL and competes with
-torch's threads) is off unless ``profile: true``. Workers of an existing cluster should be
-started with the same environment variable (see the README).
+torch's threads) is off unless ``profile: true``; its housekeeping timers run less often
+(``LOCAL_HOUSEKEEPING``). Workers of an existing cluster should be started with the same
+environment variable (see the README).
 
 LocalCluster workers are forked from a forkserver that has imported torch, timm and slidepipe's
 worker modules once (``WORKER_PRELOAD``), instead of each spawned worker importing them again:
