@@ -83,20 +83,16 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import psutil
 import torch
 from _clam_extractor import clam_coords, clam_seconds
 from _common import (
@@ -107,6 +103,17 @@ from _common import (
     real_svs,
     resection_svs_of_side,
     verdict,
+)
+from _processes import (
+    NOISY_SHARE,
+    Conversation,
+    Steps,
+    TreeSampler,
+    child_failed,
+    frozen,
+    loadavg,
+    measured,
+    reap_forkserver,
 )
 
 import wsi
@@ -122,8 +129,6 @@ from pipelines.tile import tile_slide
 TARGET_VS_CEILING = 0.9
 TARGET_VS_CLAM_GPU = 2.0
 TARGET_RSS_GROWTH = 1.10
-#: Above this share of the CPUs taken by other processes during a step, a warning is printed.
-NOISY_SHARE = 0.05
 #: Seconds of one (b) window (``--quick``: 3).
 WINDOW_SECONDS = 12.0
 #: The session's archive: this many calls, the first one with the warm-up slide.
@@ -134,42 +139,10 @@ BACKBONES = (("efficientnet_lite0", True), ("resnet50_trunc", False))
 
 RESULT_MARK = "EXTRACT-BENCH-RESULT "
 READY_MARK = "EXTRACT-BENCH-READY"
-T = TypeVar("T")
 WARMUP_ID = "CMU-1-Small-Region"
 
 
 # -- the child processes: (a) extractions and (b) backbones -----------------------------------
-class TreeSampler(threading.Thread):
-    """Polls this process's descendants: the last ``VmHWM`` seen of each (it only grows) and
-    the peak of the tree's summed RSS."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.stop_event = threading.Event()
-        self.peaks: dict[int, int] = {}
-        self.tree = 0
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self.stop_event.is_set():
-            try:
-                total = me.memory_info().rss
-                for child in me.children(recursive=True):
-                    try:
-                        total += child.memory_info().rss
-                    except psutil.Error:
-                        continue
-                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0),
-                                                peak_rss(child.pid))
-                self.tree = max(self.tree, total)
-            except psutil.Error:
-                pass
-            self.stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join()
 
 
 def slidepipe_config(backbone: str, pretrained: bool, scheduler: str | None = None
@@ -178,17 +151,6 @@ def slidepipe_config(backbone: str, pretrained: bool, scheduler: str | None = No
     chosen."""
     return load_config(None, {"backbone": {"name": backbone, "pretrained": pretrained},
                               "cluster": {"scheduler": scheduler}})
-
-
-def reap_forkserver() -> None:
-    """Stop and wait for the forkserver that forked the LocalCluster's workers (it reaps them),
-    so their CPU time counts as this benchmark's in the steps' share of others, not as another
-    process's."""
-    from multiprocessing import forkserver
-
-    stop = getattr(forkserver._forkserver, "_stop", None)  # private: no public API
-    if stop is not None:
-        stop()
 
 
 def child_main(spec: dict[str, Any]) -> int:
@@ -274,60 +236,13 @@ def child_command(spec: dict[str, Any]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
 
 
-def child_failed(label: str, returncode: int | None, stdout: str, stderr: str) -> SystemExit:
-    """The error that ends the benchmark when one of its processes failed."""
-    return SystemExit(f"{label}: the benchmark process failed ({returncode}):\n"
-                      f"{stdout[-3000:]}\n{stderr[-3000:]}")
-
-
-class Conversation:
-    """A child process of this script that takes commands on stdin and answers with marked
-    lines on stdout; its stderr is kept in a file, shown if it fails."""
-
-    def __init__(self, label: str, spec: dict[str, Any], new_session: bool = False) -> None:
-        self.label = label
-        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
-        self.child = subprocess.Popen(child_command(spec), stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self.errors, text=True,
-                                      start_new_session=new_session)
-
-    def send(self, line: str) -> None:
-        """Write one command line."""
-        assert self.child.stdin is not None
-        self.child.stdin.write(line + "\n")
-        self.child.stdin.flush()
-
-    def read_until(self, mark: str) -> str:
-        """The rest of the first output line that starts with ``mark``."""
-        assert self.child.stdout is not None
-        seen = []
-        for line in self.child.stdout:
-            if line.startswith(mark):
-                return line[len(mark):]
-            seen.append(line)
-        self.child.wait()
-        self.errors.seek(0)
-        raise child_failed(self.label, self.child.returncode, "".join(seen), self.errors.read())
-
-    def close(self) -> None:
-        """End the process (EOF on its stdin)."""
-        if self.child.stdin is not None:
-            self.child.stdin.close()
-        try:
-            self.child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait()
-        self.errors.close()
-
-
 class CeilingPool:
     """The warm (b) processes of one layout, idle (blocked on stdin) between windows."""
 
     def __init__(self, label: str, spec: dict[str, Any], layout: Layout) -> None:
         self.layout = layout
         self.processes = [Conversation(f"{label} (b) {layout}",
-                                       {**spec, "threads": layout.threads})
+                                       child_command({**spec, "threads": layout.threads}))
                           for _ in range(layout.processes)]
         for process in self.processes:
             process.read_until(READY_MARK)
@@ -354,35 +269,6 @@ class Window:
     layout: Layout
     rate: float
     others: float
-
-
-def group_processes(pgid: int) -> list[psutil.Process]:
-    """The live processes of process group ``pgid``."""
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
-
-
-@contextmanager
-def frozen(pgid: int) -> Iterator[None]:
-    """Every process of group ``pgid`` stopped (``SIGSTOP``, waiting until all are) inside the
-    block, resumed (``SIGCONT``) after it."""
-    os.killpg(pgid, signal.SIGSTOP)
-    try:
-        deadline = time.monotonic() + 10
-        while any(process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
-                  for process in group_processes(pgid)):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the processes of group {pgid} did not stop")
-            time.sleep(0.005)
-        yield
-    finally:
-        os.killpg(pgid, signal.SIGCONT)
 
 
 # -- (a) slidepipe, in fresh processes ---------------------------------------------------------
@@ -493,8 +379,8 @@ class SlidepipeSession:
         self.label = label
         self.backbone = backbone
         launched = time.time()
-        self.process = Conversation(label, {"mode": "session", "backbone": backbone,
-                                            "pretrained": pretrained}, new_session=True)
+        self.process = Conversation(label, child_command({
+            "mode": "session", "backbone": backbone, "pretrained": pretrained}), new_session=True)
         ready = json.loads(self.process.read_until(READY_MARK))
         self.imports = ready["start"] - launched
         self.cluster_start = ready["ready"] - ready["start"]
@@ -548,11 +434,6 @@ def decoded_patches(path: Path, grid_folder: Path, count: int) -> np.ndarray:
 def mib(size: int) -> str:
     """Bytes as MiB."""
     return f"{size / 2**20:.0f} MiB"
-
-
-def loadavg() -> str:
-    """The 1-minute load average (other work on the machine shows here)."""
-    return f"{os.getloadavg()[0]:.2f}"
 
 
 @dataclass
@@ -613,58 +494,6 @@ class BackboneResult:
         """The ceiling of the windows just before and just after part ``part``."""
         return sum(max(window.rate for window in self.rounds[index])
                    for index in (part, part + 1)) / 2
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (any process), from /proc/stat."""
-    with open("/proc/stat") as stat:
-        user, nice, system, _, _, irq, softirq, steal = (
-            int(v) for v in stat.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its descendants: the live ones' own and the reaped
-    ones' (counted in their parents' ``children_*``)."""
-    me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system + times.children_user + times.children_system
-    return total
-
-
-def measured(function: Callable[[], T]) -> tuple[T, float, float]:
-    """(result, wall seconds, share of all cores that other processes (or the hypervisor's
-    steal) took meanwhile) of ``function()``: the machine's busy CPU time minus this
-    benchmark's."""
-    wall, busy, own = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
-    result = function()
-    wall = time.perf_counter() - wall
-    others = (cpu_busy_seconds() - busy) - (own_cpu_seconds() - own)
-    return result, wall, max(0.0, others) / (wall * (os.cpu_count() or 1))
-
-
-class Steps:
-    """Each step's wall time and the share of the machine other processes took meanwhile."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, float, float]] = []
-
-    def run(self, label: str, function: Callable[[], T]) -> T:
-        print(f"{label}… (load {loadavg()})", flush=True)
-        result, wall, share = measured(function)
-        self.records.append((label, wall, share))
-        return result
-
-    @property
-    def noisy(self) -> list[str]:
-        """The steps during which others took more than ``NOISY_SHARE`` of the CPUs."""
-        return [f"{label} ({share:.0%})" for label, _, share in self.records
-                if share > NOISY_SHARE]
 
 
 def ceiling_spec(name: str, pretrained: bool, small: BenchSlide, templates: Path,
