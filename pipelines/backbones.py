@@ -330,7 +330,9 @@ def _build(config: BackboneConfig) -> tuple[torch.nn.Module, str, int | None]:
     return model, source, 1024 if name == RESNET50_TRUNC else None
 
 
-def _device(requested: str) -> torch.device:
+def backbone_device(requested: str) -> torch.device:
+    """The device a backbone configured with ``device: requested`` runs on here; raises
+    :class:`BackboneError` for a malformed name or CUDA asked for where there is none."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -364,7 +366,7 @@ def _spec(name: str, model: torch.nn.Module, source: str, feature_dim: int | Non
 def load_backbone(config: BackboneConfig) -> Backbone:
     """Build the configured backbone: frozen, eval mode, on its device, optionally channels-last
     and compiled. Raises :class:`BackboneError` with the fix when it cannot."""
-    device = _device(config.device)
+    device = backbone_device(config.device)
     random_init = not config.pretrained and config.checkpoint is None
     with _seeded():
         model, source, feature_dim = _build(config)

@@ -40,7 +40,9 @@ class ExtractionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    chunk_rows: int = Field(512, ge=1, description="patches per task and per zarr chunk")
+    chunk_rows: int | None = Field(
+        None, ge=1, description="patches per task and per zarr chunk (default: 512 where the "
+        "backbone runs on a GPU, 128 on CPU)")
     dtype: Literal["float16", "float32"] = "float16"
     decode_threads: int = Field(2, ge=1, description="patch-decoding threads per task")
     export_hdf5: bool = Field(True, description="also write h5_files/<slide>.h5 (CLAM/TRIDENT)")

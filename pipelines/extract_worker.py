@@ -189,14 +189,16 @@ def prefetched_batches(slide: wsi.Slide, spec: GridSpec, coords: np.ndarray, bat
 
 @dataclass(frozen=True)
 class PrepareJob:
-    """One slide to tile (when needed) and, with a backbone, to plan extraction for."""
+    """One slide to tile (when needed) and, with a backbone, to plan extraction for in chunks of
+    ``chunk_rows`` patches, each embedded with ``torch_threads`` threads."""
 
     entry: SlideEntry
     config: SlidepipeConfig
     out: str
     mpp_overrides: dict[str, float] | None
     backbone: BackboneIdentity | None
-    torch_threads: int = 1
+    torch_threads: int
+    chunk_rows: int
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def prepare_slide(job: PrepareJob) -> PreparedSlide:
         return replace(prepared, **planned, cached=all(path.exists() for path in exports))
     writer = FeatureStoreWriter.open(
         store, key=key, coords=grid.coords, feature_dim=job.backbone.feature_dim,
-        chunk_rows=config.extraction.chunk_rows, dtype=config.extraction.dtype,
+        chunk_rows=job.chunk_rows, dtype=config.extraction.dtype,
         attributes=_provenance(entry, slide_hash, grid, job.backbone, config),
         overwrite=config.extraction.overwrite)
     mpp = record["slide"]["mpp_x"] if record["slide"]["mpp_source"] == "override" else None

@@ -20,7 +20,12 @@ import wsi
 from pipelines.cli import app
 from pipelines.config import load_config
 from pipelines.discovery import discover_slides
-from pipelines.extract import extract_archive
+from pipelines.extract import (
+    CPU_CHUNK_ROWS,
+    GPU_CHUNK_ROWS,
+    ExtractionSetup,
+    extract_archive,
+)
 from pipelines.feature_store import open_features
 
 BACKBONE = {"name": "efficientnet_lite0", "batch_size": 32}
@@ -59,6 +64,20 @@ def test_features_cover_the_grid_with_provenance(real_run: Path, real_svs: Path)
     assert attrs["slide_hash"] == wsi.open_slide(real_svs).content_hash
     assert attrs["grid"]["patch_size"] == 256 and attrs["weights_hash"]
     assert attrs["config"]["extraction"]["chunk_rows"] == 32
+
+
+def test_chunk_size_defaults_to_the_device_and_follows_the_configuration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def rows(**extraction: object) -> int:
+        config = load_config(None, {"backbone": {**BACKBONE, "pretrained": False},
+                                    "extraction": extraction})
+        return ExtractionSetup.create(config, tmp_path).chunk_rows
+
+    assert rows(chunk_rows=48) == 48
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert rows() == CPU_CHUNK_ROWS == 128
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert rows() == GPU_CHUNK_ROWS == 512 and rows(chunk_rows=48) == 48
 
 
 def test_hdf5_export_loads_like_clam(real_run: Path) -> None:
