@@ -106,7 +106,7 @@ def clam_seconds(config: SlidepipeConfig, slide_path: Path, coords: np.ndarray, 
                                     transforms.Normalize(spec.mean, spec.std)])
     cuda = device.type == "cuda"
     loader = DataLoader(WholeSlideBagFP(coords_file, slide_path, transform),
-                        batch_size=config.backbone.batch_size,
+                        batch_size=backbone.batch_size,
                         num_workers=CLAM_CUDA_WORKERS if cuda else 0, pin_memory=cuda)
     model = backbone.model
     with torch.inference_mode():  # warm-up, as (b) gets

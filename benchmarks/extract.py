@@ -7,11 +7,11 @@ Patches/s for each backbone, the default ``efficientnet_lite0`` (embedded ImageN
 random weights run at the same speed), three ways:
 
 (a) slidepipe end to end, with the default configuration (on a CPU-only machine a LocalCluster
-    of one single-threaded model worker per core, ADR 0005; batch 64, 2 decode threads per task,
-    chunks of 128 patches on CPU, float16 zarr store plus the HDF5 export). The grids are made
-    beforehand by ``tile_slide`` and copied in, so (a) measures extraction, not tiling. A fresh
-    process (the session) starts slidepipe's LocalCluster exactly as ``extract_archive`` does
-    (``pipelines.cluster.dask_client``) and then extracts an archive in 3 ``extract_archive``
+    of one single-threaded model worker per core, ADR 0005; on CPU batches of 16 and chunks of
+    128 patches, 2 decode threads per task, float16 zarr store plus the HDF5 export). The grids
+    are made beforehand by ``tile_slide`` and copied in, so (a) measures extraction, not tiling.
+    A fresh process (the session) starts slidepipe's LocalCluster exactly as ``extract_archive``
+    does (``pipelines.cluster.dask_client``) and then extracts an archive in 3 ``extract_archive``
     calls on that cluster, as ``--scheduler`` runs do: the real CMU-1-Small-Region (54 patches)
     with the 20480² resection, then the 20480² resection twice more (9126 patches in all, as
     much as a large resection). Each call pays its own client-side backbone load, planning,
@@ -49,8 +49,9 @@ random weights run at the same speed), three ways:
     from the HDF5 file, then ``openslide.OpenSlide.read_region(...).convert("RGB")``, then
     torchvision ``Resize(input size)``, ``ToTensor()``, ``Normalize(mean, std)``. The model is
     the same backbone in CLAM's form (fp32, NCHW, not channels-last), run under
-    ``torch.inference_mode()`` with torch on every core; features are appended to an HDF5 file
-    per batch. ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with
+    ``torch.inference_mode()`` with torch on every core, in batches of the size (a) uses (CLAM's
+    own default of 256 would be slower on a CPU); features are appended to an HDF5 file per
+    batch. ``num_workers`` as CLAM sets it: 0 without CUDA, 8 (with ``pin_memory``) with
     CUDA. Model load and patching are not timed.
 
 Peak RSS: four more (a) runs of efficientnet_lite0, each one ``extract_archive`` call in a
@@ -170,7 +171,7 @@ def child_main(spec: dict[str, Any]) -> int:
         torch.set_num_threads(spec["threads"])
         patches = decoded_patches(Path(spec["slide"]), Path(spec["grid"]), spec["patches"])
         embedder = Embedder(load_backbone(config.backbone))
-        batch = config.backbone.batch_size
+        batch = embedder.backbone.batch_size
         embedder(patches[:batch])
         print(READY_MARK, flush=True)
         while line := sys.stdin.readline():

@@ -68,7 +68,16 @@ class BackboneConfig(BaseModel):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = True
     compile: bool = Field(False, description="wrap the model in torch.compile")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int | None = Field(
+        None, gt=0, description="patches per forward pass (default: 64 on a GPU, 16 on CPU)")
+
+
+#: Patches per forward pass unless ``batch_size`` is configured. On a CPU the activations of 16
+#: patches (about 26 MB per efficientnet_lite0 stem tensor, 103 MB at 64) stay in the caches:
+#: measured on 2 cores, two 1-thread workers ran efficientnet_lite0 at 99-104 patches/s with
+#: batches of 16 against 72-77 with 64, and resnet50_trunc at 27.3 against 27.5.
+GPU_BATCH_SIZE: Final = 64
+CPU_BATCH_SIZE: Final = 16
 
 
 @dataclass
@@ -80,6 +89,12 @@ class Backbone:
     device: torch.device
     weights_hash: str
     config: BackboneConfig
+
+    @property
+    def batch_size(self) -> int:
+        """Patches per forward pass: the configured size, else the device's default."""
+        default = CPU_BATCH_SIZE if self.device.type == "cpu" else GPU_BATCH_SIZE
+        return self.config.batch_size or default
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

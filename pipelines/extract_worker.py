@@ -297,7 +297,7 @@ def run_chunk(job: ChunkJob) -> ChunkResult:
     embedder = cached_embedder(job.backbone, job.torch_threads)
     normalise = _normaliser(job.stain)
     slide = _slide(job.slide_path, job.backend, job.mpp)
-    batch_size = int(job.backbone.get("batch_size", 64))
+    batch_size = embedder.backbone.batch_size
     parts = []
     for batch in prefetched_batches(slide, job.spec, job.coords, batch_size,
                                     job.decode_threads):

@@ -81,7 +81,7 @@ def tune_cpu_allocator() -> bool:
 class Embedder:
     """Features of patch batches with one backbone: ``embedder(patches) -> (B, D) float32``.
 
-    Batches larger than the configured ``batch_size`` are split; results do not depend on how a
+    Batches larger than the backbone's ``batch_size`` are split; results do not depend on how a
     set of patches is batched (up to floating-point reassociation).
     """
 
@@ -101,7 +101,7 @@ class Embedder:
         if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
             raise ValueError(f"expected (B, H, W, 3) uint8 patches, got {patches.shape} "
                              f"{patches.dtype}")
-        step = self.backbone.config.batch_size
+        step = self.backbone.batch_size
         chunks = [self._embed(self._to_device(patches[start:start + step]))
                   for start in range(0, len(patches), step)]
         if not chunks:
@@ -111,7 +111,7 @@ class Embedder:
     def embed_tensor(self, patches: torch.Tensor) -> np.ndarray:
         """Features of a (B, H, W, 3) uint8 tensor already on the device (e.g. decoded there by
         :func:`decode_jpeg_batch_on_gpu`), in ``batch_size`` chunks."""
-        step = self.backbone.config.batch_size
+        step = self.backbone.batch_size
         chunks = [self._embed(patches[start:start + step].to(self.backbone.device))
                   for start in range(0, len(patches), step)]
         if not chunks:

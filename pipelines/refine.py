@@ -229,7 +229,7 @@ def refine_context(context: SlideContext, models: ModelEnsemble, *, top_k: int |
     existing = candidates[found]
     existing_rows = order[np.searchsorted(stored_keys[order], _keys(existing, width))]
     new_coords = candidates[~found]
-    step = batch_size or backbone.config.batch_size
+    step = batch_size or backbone.batch_size
     new_features, kept = _embed_new(context, backbone, new_coords, step)
     new_coords = new_coords[kept]
     scores = _scaled_attention(models, np.concatenate([bag, new_features]), len(bag),

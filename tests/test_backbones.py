@@ -10,6 +10,7 @@ import io
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from safetensors.torch import save_file
 from skimage import data
 
 from pipelines.backbones import (
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
     Backbone,
     BackboneConfig,
     BackboneError,
@@ -210,6 +213,15 @@ def test_batch_equals_items(lite0: Backbone) -> None:
     single = np.concatenate([embedder(patch[None]) for patch in patches])
     np.testing.assert_allclose(batched, single, rtol=1e-4, atol=1e-4)
     assert embedder(patches[:0]).shape == (0, 1280)
+
+
+def test_batch_size_defaults_to_the_device(lite0: Backbone) -> None:
+    """An unset batch size is 16 patches on the CPU, 64 on a GPU; a configured one is kept."""
+    default = replace(lite0, config=lite0.config.model_copy(update={"batch_size": None}))
+    assert lite0.batch_size == 4 and default.batch_size == CPU_BATCH_SIZE == 16
+    on_gpu = replace(default, device=torch.device("cuda"))
+    assert on_gpu.batch_size == GPU_BATCH_SIZE == 64
+    assert replace(lite0, device=torch.device("cuda")).batch_size == 4
 
 
 def test_resize_path_matches_pil(lite0: Backbone) -> None:
