@@ -732,10 +732,12 @@ def report_rss(rss_runs: list[tuple[BenchSlide, SlideRun]]) -> None:
     for slide, run in rss_runs:
         by_slide.setdefault(slide.slide_id, []).append(run)
     small_runs, large_runs = by_slide.values()
-    small = {"client": max(run.client_peak for run in small_runs),
-             "worker": max(run.worker_peak for run in small_runs)}
-    large = {"client": max(run.client_peak for run in large_runs),
-             "worker": max(run.worker_peak for run in large_runs)}
+
+    def peaks(runs: list[SlideRun]) -> dict[str, int]:
+        return {"client": max(run.client_peak for run in runs),
+                "worker": max(run.worker_peak for run in runs)}
+
+    small, large = peaks(small_runs), peaks(large_runs)
     growth = {process: large[process] / small[process] for process in small}
     verdict(f"peak RSS does not grow with slide size (<= {TARGET_RSS_GROWTH:g} x; each size's "
             f"highest of {len(small_runs)} runs)",

@@ -64,10 +64,12 @@ log = logging.getLogger(__name__)
 
 #: Patches per task and zarr chunk unless ``extraction.chunk_rows`` says otherwise. A task is the
 #: unit Dask balances: at the end of a graph the workers that are done wait for the last tasks.
-#: A CPU worker embeds 12-40 patches/s, so a 512-patch task is 13-43 s; 128 patches keeps that
+#: A CPU worker embeds 12-50 patches/s, so a 512-patch task is 10-43 s; 128 patches keeps that
 #: wait to a few seconds (2-core machine, efficientnet_lite0: the workers were busy 97 % of a
 #: 3024-patch call instead of 93-94 %, 5 % more patches/s). On a GPU a task of 128 patches is
-#: over in a fraction of a second, and the hand-over to the next one would idle the GPU.
+#: over in a fraction of a second, and the hand-over to the next one would idle the GPU. The
+#: client decides from its own device, so a CPU-only client of a GPU cluster gets CPU-sized
+#: tasks unless ``chunk_rows`` is configured.
 GPU_CHUNK_ROWS = 512
 CPU_CHUNK_ROWS = 128
 
