@@ -149,6 +149,11 @@ def machine() -> str:
             f"{platform.python_version()}, {platform.system()}")
 
 
+def mib(size: int) -> str:
+    """Bytes as MiB."""
+    return f"{size / 2**20:.0f} MiB"
+
+
 def ms(seconds: float) -> str:
     """Seconds as milliseconds with one decimal."""
     return f"{seconds * 1e3:.1f} ms"

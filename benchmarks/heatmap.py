@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from _common import (
     machine,
+    mib,
     peak_rss,
     print_table,
     resection_svs,
@@ -237,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
           f"backbone + attention {base['infer_per_patch'] * 1e3:.1f})")
     print_table(["heatmap of the slide", "seconds", "peak RSS", "baseline/slidepipe"],
                 [["slidepipe: export from stored attention", f"{ours:.2f}",
-                  f"{result['rss'] / 2**20:.0f} MiB", "1.0x"],
+                  mib(result["rss"]), "1.0x"],
                  ["CLAM-style re-inference at 50 % overlap (extrapolated)", f"{clam:.0f}",
                   "", f"{clam / ours:.0f}x"]])
     print()
     verdict("time", ours < TARGET_SECONDS, f"{ours:.2f} s (target < {TARGET_SECONDS:g} s)")
     verdict("memory", result["rss"] < TARGET_RSS,
-            f"{result['rss'] / 2**20:.0f} MiB peak RSS (target < 1 GiB)")
+            f"{mib(result['rss'])} peak RSS (target < 1 GiB)")
     if args.quick:
         print("(--quick: a 10240² slide; the targets are for the 40960² slide)")
     return 0
