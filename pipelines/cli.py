@@ -336,12 +336,3 @@ app.command()(cli_run.run)
 app.command()(cli_run.status)
 app.command()(cli_demo.demo)
 app.add_typer(cli_radiology.app, name="radiology")
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -25,14 +25,18 @@ LocalCluster workers are forked from a forkserver that has imported torch, timm 
 worker modules once (``WORKER_PRELOAD``), instead of each spawned worker importing them again:
 the first cluster of a process is up about 1.5 s sooner on 2 cores, later ones (tests, a
 long-lived client) in a fraction of a second, and closing no longer waits 2 s for spawned
-interpreters to exit. The forkserver inherits the environment the first nanny sets, including
-``MALLOC_ARENA_MAX``.
+interpreters to exit. Those imports still take 4-5 s on 2 cores, so the ``slidepipe`` command
+starts the forkserver (:func:`start_worker_forkserver`) before it imports the CLI, and both
+import side by side (:mod:`pipelines.launch`). The forkserver starts with the environment a
+nanny gives its worker (``MALLOC_ARENA_MAX`` and Dask's ``pre-spawn-environ``), which every
+worker forked from it keeps.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,14 +127,40 @@ def local_worker_settings(config: ClusterConfig) -> dict[str, object]:
             **LOCAL_HOUSEKEEPING}
 
 
-def _preload_worker_modules() -> None:
-    """Have the forkserver import what workers need before it forks them (see the module
+def _worker_environment() -> dict[str, str]:
+    """What a nanny sets before it starts its worker process (Dask's ``pre-spawn-environ``,
+    values already in the environment winning, and a fixed ``PYTHONHASHSEED``), under the
+    LocalCluster's settings."""
+    settings = dask.config.get("distributed.nanny.pre-spawn-environ")
+    environment = {key: os.environ.get(key, str(value)) for key, value in settings.items()
+                   if value is not None}
+    if environment.get("PYTHONHASHSEED") in (None, "0"):
+        environment["PYTHONHASHSEED"] = "6640"  # Dask's value: the same hashes on every worker
+    return environment
+
+
+def start_worker_forkserver() -> None:
+    """Start the forkserver that LocalCluster workers are forked from, if it is not running:
+    it imports ``WORKER_PRELOAD`` in the background while the caller goes on (see the module
     docstring). Distributed sets its own preload list the first time it asks for the context;
-    this one replaces it until the server starts, and a running server keeps what it has."""
+    this one replaces it, and a running server keeps what it has. Starting it for a run that
+    then uses an existing cluster costs one idle process until this one exits."""
     from distributed.utils import get_mp_context
 
-    get_mp_context()
+    with dask.config.set(local_worker_settings(ClusterConfig())):
+        get_mp_context()
+        environment = _worker_environment()
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    previous = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:  # this process keeps its own environment
+        for key, value in previous.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 @contextmanager
@@ -147,9 +177,9 @@ def dask_client(config: ClusterConfig,
             client.close()
         return
     workers = default_workers(config)
+    start_worker_forkserver()
     # The settings hold for the cluster's lifetime: a worker the nanny restarts is forked too.
     with dask.config.set(local_worker_settings(config)):
-        _preload_worker_modules()
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                resources={MODEL_RESOURCE: 1},
                                dashboard_address=config.dashboard, silence_logs=logging.ERROR)

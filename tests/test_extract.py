@@ -27,6 +27,7 @@ from pipelines.extract import (
     extract_archive,
 )
 from pipelines.feature_store import open_features
+from pipelines.launch import starts_local_cluster
 
 BACKBONE = {"name": "efficientnet_lite0", "batch_size": 32}
 
@@ -131,7 +132,7 @@ def test_killed_run_resumes_to_identical_features(tmp_path: Path, small_svs: Pat
         "backbone": BACKBONE, "extraction": {"chunk_rows": 16},
         "cluster": {"workers": 1, "torch_threads": 1, "dashboard": None}}))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    command = [sys.executable, "-m", "pipelines.cli", "extract", str(small_svs), "--config",
+    command = [sys.executable, "-m", "pipelines.launch", "extract", str(small_svs), "--config",
                str(config_file), "--out"]
     process = subprocess.Popen([*command, str(killed)], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -246,6 +247,50 @@ def test_local_workers_are_started_for_cpu_inference() -> None:
         assert client.run_on_scheduler(scheduler_intervals) == {"tick": 500, "monitor": 2000}
     with dask_client(ClusterConfig(workers=1, dashboard=None, profile=True)) as client:
         assert client.submit(worker_settings).result() == ("1", True)
+
+
+#: In a fresh process: start the forkserver, check it runs and left this process's environment
+#: alone, then start a LocalCluster and print where its worker came from and what it inherited.
+EARLY_FORKSERVER = """
+import json, os, psutil
+from pipelines.cluster import ClusterConfig, dask_client, start_worker_forkserver
+start_worker_forkserver()
+(server,) = [child for child in psutil.Process().children()
+             if "forkserver" in " ".join(child.cmdline())]  # beside multiprocessing's tracker
+assert "MALLOC_ARENA_MAX" not in os.environ
+with dask_client(ClusterConfig(workers=1, dashboard=None)) as client:
+    (worker,) = client.run(lambda: (os.getppid(), os.environ.get("MALLOC_ARENA_MAX"),
+                                    os.environ.get("PYTHONHASHSEED"))).values()
+print(json.dumps({"server": server.pid, "worker": worker}))
+"""
+
+
+def test_forkserver_started_early_forks_the_workers() -> None:
+    """``slidepipe extract`` starts the workers' forkserver before its own imports: the
+    LocalCluster started later forks its workers from that server, which gave them the
+    environment a nanny would (one malloc arena, Dask's hash seed)."""
+    done = subprocess.run([sys.executable, "-c", EARLY_FORKSERVER], capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["worker"] == [report["server"], "1", "6640"]
+
+
+@pytest.mark.parametrize(("args", "starts"), [
+    (["extract", "slides/", "--out", "o"], True),
+    (["run", "nightly.yaml"], True),
+    (["demo"], True),
+    (["radiology", "extract", "ct/", "--out", "o"], True),
+    (["extract", "slides/", "--scheduler", "tcp://head:8786"], False),
+    (["run", "nightly.yaml", "--scheduler=tcp://head:8786"], False),
+    (["extract", "--help"], False),
+    (["radiology", "deidentify", "ct/", "--out", "o"], False),
+    (["tile", "slides/"], False),
+    ([], False),
+])
+def test_console_script_starts_the_forkserver_only_for_local_clusters(args: list[str],
+                                                                     starts: bool) -> None:
+    assert starts_local_cluster(args) is starts
 
 
 @pytest.mark.parametrize(("cores", "gpus", "memory_gib", "expected"), [

@@ -39,7 +39,7 @@ from tests import builders
 runner = CliRunner()
 
 #: The installed ``slidepipe`` entry point, run in a subprocess.
-SLIDEPIPE = [sys.executable, "-c", "from pipelines.cli import main; main()"]
+SLIDEPIPE = [sys.executable, "-m", "pipelines.launch"]
 GOOD = [f"case{i:02d}" for i in range(6)]
 BAD = {"empty", "no-mpp", "png-named", "truncated"}
 STORE = "features_efficientnet_lite0.zarr"
