@@ -104,6 +104,8 @@ class BackboneResult:
     """(a), (b) and (c) of one backbone."""
 
     name: str
+    imports: float
+    """Seconds from launching the session's process to starting its LocalCluster (not timed)."""
     cluster_start: float
     """Seconds to start slidepipe's LocalCluster in the session."""
     parts: list[SlideRun]
@@ -180,7 +182,8 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
               "steady rate; tail: last chunk to return (finalise, export, cluster shutdown)")
 
     for r in results:
-        print(f"\n(a) {r.name}: slidepipe's LocalCluster started in {r.cluster_start:.1f} s, "
+        print(f"\n(a) {r.name}: the session's process started and imported in {r.imports:.1f} s "
+              f"(not timed), slidepipe's LocalCluster started in {r.cluster_start:.1f} s, "
               f"then the archive in {len(r.parts)} extract_archive calls on it; (b) the "
               "ceiling of the windows just before and just after each call")
         print_table(["call", "slides", "patches", "extract_archive", "all-in", "(b) around",

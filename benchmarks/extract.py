@@ -10,15 +10,17 @@ random weights run at the same speed), three ways:
     of one single-threaded model worker per core, ADR 0005; on CPU batches of 16 and chunks of
     128 patches, 2 decode threads per task, float16 zarr store plus the HDF5 export). The grids
     are made beforehand by ``tile_slide`` and copied in, so (a) measures extraction, not tiling.
-    A fresh process (the session) starts slidepipe's LocalCluster exactly as ``extract_archive``
-    does (``pipelines.cluster.dask_client``) and then extracts an archive in 3 ``extract_archive``
-    calls on that cluster, as ``--scheduler`` runs do: the real CMU-1-Small-Region (54 patches)
-    with the 20480² resection, then the 20480² resection twice more (9126 patches in all, as
-    much as a large resection). Each call pays its own client-side backbone load, planning,
-    slide preparation, every chunk, finalising and the HDF5 export; the workers load the model
-    in the first call. The all-in rate is all the calls' patches over the cluster's start plus
-    the calls' time (the process start and imports before it are shown, not counted); it is the
-    figure the targets use.
+    A fresh process (the session), started as the ``slidepipe`` console script starts
+    ``slidepipe extract`` (the workers' forkserver first, importing beside the process's own
+    imports; ``pipelines.launch``, ``_extract_child.py``), starts slidepipe's LocalCluster
+    exactly as ``extract_archive`` does (``pipelines.cluster.dask_client``) and then extracts an
+    archive in 3 ``extract_archive`` calls on that cluster, as ``--scheduler`` runs do: the
+    real CMU-1-Small-Region (54 patches) with the 20480² resection, then the 20480² resection
+    twice more (9126 patches in all, as much as a large resection). Each call pays its own
+    client-side backbone load, planning, slide preparation, every chunk, finalising and the
+    HDF5 export; the workers load the model in the first call. The all-in rate is all the
+    calls' patches over the cluster's start plus the calls' time (the process start and imports
+    before it are shown, not counted); it is the figure the targets use.
 (b) the ceiling: the same ``Embedder`` on real patches of the slide already decoded into one
     uint8 array (cycled), fed in batches of the same size, in processes started and warmed
     beforehand, idle (blocked on stdin) while slidepipe runs: as many at once as slidepipe has
@@ -55,7 +57,8 @@ random weights run at the same speed), three ways:
     CUDA. Model load and patching are not timed.
 
 Peak RSS: four more (a) runs of efficientnet_lite0, each one ``extract_archive`` call in a
-fresh process (LocalCluster and all, the way ``slidepipe extract`` runs): the 54-patch warm-up
+fresh process started like the session (LocalCluster and all, the way ``slidepipe extract``
+runs): the 54-patch warm-up
 slide then a small (10240², 768 patches) or a 16x larger (40960², 11 888 patches, the
 representative resection of benchmarks/README.md) resection-like slide, each size twice, in
 turns; a size's peak is the higher of its two runs, because a worker's peak moves by up to
@@ -220,8 +223,8 @@ def extraction_report(config: SlidepipeConfig, entries: list[list[str]], out: st
 
 # -- (b) the ceiling, and the processes the benchmark talks to ---------------------------------
 def child_command(spec: dict[str, Any]) -> list[str]:
-    """The command running this script with ``--child spec``."""
-    return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    """The command starting the child process ``spec`` describes (``_extract_child.py``)."""
+    return [sys.executable, str(Path(__file__).with_name("_extract_child.py")), json.dumps(spec)]
 
 
 class CeilingPool:
@@ -401,7 +404,7 @@ def measure_session(name: str, pretrained: bool, spec: dict[str, Any], layouts: 
                 pool.close()
     finally:
         session.close()
-    return BackboneResult(name, session.cluster_start, runs, rounds, clam)
+    return BackboneResult(name, session.imports, session.cluster_start, runs, rounds, clam)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,10 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                              "3 s windows, efficientnet_lite0 only")
     parser.add_argument("--backbone", choices=[name for name, _ in BACKBONES],
                         help="measure only this backbone")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        return child_main(json.loads(args.child))
 
     quick = args.quick
     sides = ({"small": 3072, "large": 6144, "part": 6144} if quick else
