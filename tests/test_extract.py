@@ -269,8 +269,10 @@ def test_forkserver_started_early_forks_the_workers() -> None:
     """``slidepipe extract`` starts the workers' forkserver before its own imports: the
     LocalCluster started later forks its workers from that server, which gave them the
     environment a nanny would (one malloc arena, Dask's hash seed)."""
+    # Without the variable a LocalCluster's nanny leaves in this process's environment.
+    environment = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     done = subprocess.run([sys.executable, "-c", EARLY_FORKSERVER], capture_output=True,
-                          text=True, check=False, timeout=120)
+                          text=True, check=False, timeout=120, env=environment)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["worker"] == [report["server"], "1", "6640"]
