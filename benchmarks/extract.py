@@ -58,17 +58,17 @@ random weights run at the same speed), three ways:
 
 Peak RSS: four more (a) runs of efficientnet_lite0, each one ``extract_archive`` call in a
 fresh process started like the session (LocalCluster and all, the way ``slidepipe extract``
-runs): the 54-patch warm-up
-slide then a small (10240², 768 patches) or a 16x larger (40960², 11 888 patches, the
-representative resection of benchmarks/README.md) resection-like slide, each size twice, in
-turns; a size's peak is the higher of its two runs, because a worker's peak moves by up to
-±10 % between runs of the same slide (the heap glibc keeps for the next batch, ADR 0004, is
-fragmented differently each time); ``VmHWM`` from /proc
-(exact high-water marks) of the client process, which also runs the scheduler and the nannies,
-read when ``extract_archive`` returns, and of its descendants (the largest worker), polled every
-0.2 s with the peak of the tree's summed RSS. (``getrusage`` would not do: ``ru_maxrss`` keeps
-the parent's high-water mark across fork and exec.) Their rates, start-up (time to the first
-chunk minus its patches at the steady rate) and tail are shown too.
+runs): the 54-patch warm-up slide then a small (10240², 768 patches) or a 16x larger (40960²,
+11 888 patches, the representative resection of benchmarks/README.md) resection-like slide,
+each size twice, in turns; a size's peak is the higher of its two runs, because a worker's
+peak moves by up to ±10 % between runs of the same slide (mostly in its first 1.5 s, as the
+model and the first batches settle glibc's arena, ADR 0004; see benchmarks/README.md);
+``VmHWM`` from /proc (exact high-water marks) of the client process, which also runs the
+scheduler and the nannies, read when ``extract_archive`` returns, and of its descendants (the
+largest worker), polled every 0.2 s with the peak of the tree's summed RSS. (``getrusage``
+would not do: ``ru_maxrss`` keeps the parent's high-water mark across fork and exec.) Their
+rates, start-up (time to the first chunk minus its patches at the steady rate) and tail are
+shown too.
 
 Slides: ``tests.builders.build_resection_svs`` at 10240², 20480² (3024 patches) and 40960²,
 cached in ``benchmarks/_data/``; real tissue, Aperio JPEG Q=70. (b) cycles through 512 / 256
