@@ -119,10 +119,14 @@ class BackboneResult:
     def windows(self) -> list[Window]:
         return [window for windows in self.rounds for window in windows]
 
+    def windows_of(self, layout: Layout) -> list[Window]:
+        """``layout``'s windows."""
+        return [window for window in self.windows if window.layout == layout]
+
     def rates_of(self, layout: Layout) -> list[float]:
         """``layout``'s window rates, leaving out those taken while other processes took more
         than ``NOISY_SHARE`` of the CPUs when any other one is clean."""
-        windows = [window for window in self.windows if window.layout == layout]
+        windows = self.windows_of(layout)
         clean = [window.rate for window in windows if window.others <= NOISY_SHARE]
         return clean or [window.rate for window in windows]
 
@@ -160,6 +164,11 @@ class BackboneResult:
         return sum(max(window.rate for window in self.rounds[index])
                    for index in (part, part + 1)) / 2
 
+    @property
+    def per_call(self) -> list[float]:
+        """Each call's a/b against the windows just before and just after it."""
+        return [part.all_in / self.b_around(index) for index, part in enumerate(self.parts)]
+
 
 def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, SlideRun]],
            warm: BenchSlide, cuda: bool, steps: Steps, backbones: list[str]) -> None:
@@ -190,9 +199,9 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
                      "a/b"],
                     [[index, ", ".join(slide_id for slide_id, _ in part.slides), part.patches,
                       f"{part.wall:.1f} s", f"{part.all_in:.1f}/s",
-                      f"{r.b_around(index - 1):.1f}/s",
-                      f"{part.all_in / r.b_around(index - 1):.2f}"]
-                     for index, part in enumerate(r.parts, start=1)])
+                      f"{r.b_around(index - 1):.1f}/s", f"{ratio:.2f}"]
+                     for index, (part, ratio) in enumerate(zip(r.parts, r.per_call,
+                                                               strict=True), start=1)])
 
     print("\npatches/s per backbone: (a) slidepipe all-in: all the calls' patches over the "
           "cluster's start and every call; (b) the backbone alone on decoded uint8 batches, in "
@@ -204,9 +213,9 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
     for r in results:
         per_layout = []
         for layout in r.layouts:
-            rates = [window.rate for window in r.windows if window.layout == layout]
-            noisy = sum(window.others > NOISY_SHARE for window in r.windows
-                        if window.layout == layout)
+            windows = r.windows_of(layout)
+            rates = [window.rate for window in windows]
+            noisy = sum(window.others > NOISY_SHARE for window in windows)
             per_layout.append(f"{layout}: {r.b_of(layout):.1f} ({len(rates)}, "
                               f"{min(rates):.1f}-{max(rates):.1f}" +
                               (f", {noisy}*" if noisy else "") + ")")
@@ -227,8 +236,7 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
                 f"a/b = {r.all_in / r.b:.2f} all-in ({r.all_in:.1f} vs {r.b:.1f} patches/s, "
                 f"{r.patches} patches in {len(r.parts)} calls; cluster start "
                 f"{r.cluster_start:.1f} s; per call " +
-                ", ".join(f"{part.all_in / r.b_around(index):.2f}"
-                          for index, part in enumerate(r.parts)) + ")")
+                ", ".join(f"{ratio:.2f}" for ratio in r.per_call) + ")")
         if cuda:
             verdict(f"a >= {TARGET_VS_CLAM_GPU:g} x c (GPU, {r.name})",
                     r.all_in >= TARGET_VS_CLAM_GPU * r.clam,
