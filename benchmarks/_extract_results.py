@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from _common import mib, print_table, verdict
 from _processes import NOISY_SHARE, Steps
@@ -29,11 +30,58 @@ class Layout:
 
 @dataclass(frozen=True)
 class Window:
-    """One (b) window: its layout, patches/s and the share of the CPUs others took."""
+    """One (b) window: its layout, patches/s, the share of the CPUs others took, and the CPU
+    seconds its processes spent per patch."""
 
     layout: Layout
     rate: float
     others: float
+    cpu_per_patch: float
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """Where the machine's CPU time went during (a) calls, in CPU seconds: the workers' model
+    threads (each worker's busiest live thread, the one its tasks run in), their decode threads
+    (a task's decode threads end with it, so: the workers' time less their live threads'), the
+    workers' other threads (event loop, heartbeats), the session's own process (client,
+    scheduler, nannies), other processes (from /proc/stat), and idle; ``capacity`` is the
+    cores times the wall time."""
+
+    model: float
+    decode: float
+    workers_other: float
+    session: float
+    others: float
+    idle: float
+    capacity: float
+
+    @classmethod
+    def between(cls, before: dict[str, Any], after: dict[str, Any], cores: int) -> CpuUse:
+        """The use between two snapshots (``workers``: each worker's
+        ``_processes.thread_cpu_seconds()``; ``session``: the session process's CPU seconds;
+        ``machine``: the machine's busy CPU seconds; ``wall``: a clock)."""
+        model = decode = workers_other = 0.0
+        for worker, (total, threads) in after["workers"].items():
+            total_before, threads_before = before["workers"][worker]
+            live = [cpu - threads_before.get(tid, 0.0) for tid, cpu in threads.items()]
+            model += max(live)
+            workers_other += sum(live) - max(live)
+            decode += (total - total_before) - sum(live)
+        session = after["session"] - before["session"]
+        busy = after["machine"] - before["machine"]
+        capacity = (after["wall"] - before["wall"]) * cores
+        return cls(model, decode, workers_other, session,
+                   others=max(0.0, busy - model - decode - workers_other - session),
+                   idle=max(0.0, capacity - busy), capacity=capacity)
+
+    def __add__(self, other: CpuUse) -> CpuUse:
+        return CpuUse(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def shares(self) -> dict[str, float]:
+        """Each use as a share of ``capacity``."""
+        return {name: value / self.capacity for name, value in asdict(self).items()
+                if name != "capacity"}
 
 
 @dataclass
@@ -51,6 +99,8 @@ class SlideRun:
     client_peak: int
     worker_peak: int
     polled_tree: int
+    cpu: CpuUse | None = None
+    """Where the machine's CPU went (session calls only)."""
 
     @property
     def patches(self) -> int:
@@ -141,9 +191,32 @@ class BackboneResult:
         return list(dict.fromkeys(window.layout for window in self.windows))
 
     @property
+    def ceiling_layout(self) -> Layout:
+        """The faster layout."""
+        return max(self.layouts, key=self.b_of)
+
+    @property
     def b(self) -> float:
-        """The ceiling: the faster layout."""
-        return max(self.b_of(layout) for layout in self.layouts)
+        """The ceiling: the faster layout's rate."""
+        return self.b_of(self.ceiling_layout)
+
+    @property
+    def b_cpu_per_patch(self) -> float:
+        """CPU seconds per patch of the ceiling layout's windows (those ``rates_of`` keeps)."""
+        windows = self.windows_of(self.ceiling_layout)
+        kept = [w for w in windows if w.others <= NOISY_SHARE] or windows
+        return sum(w.cpu_per_patch for w in kept) / len(kept)
+
+    @property
+    def cpu(self) -> CpuUse | None:
+        """Where the CPU went during all the calls (None when a call was not accounted)."""
+        uses = [part.cpu for part in self.parts]
+        if not uses or any(use is None for use in uses):
+            return None
+        total = uses[0]
+        for use in uses[1:]:
+            total = total + use
+        return total
 
     @property
     def patches(self) -> int:
@@ -203,6 +276,8 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
                      for index, (part, ratio) in enumerate(zip(r.parts, r.per_call,
                                                                strict=True), start=1)])
 
+    report_cpu(results)
+
     print("\npatches/s per backbone: (a) slidepipe all-in: all the calls' patches over the "
           "cluster's start and every call; (b) the backbone alone on decoded uint8 batches, in "
           "windows while slidepipe's processes were frozen, per layout (processes x torch "
@@ -249,6 +324,36 @@ def report(results: list[BackboneResult], rss_runs: list[tuple[BenchSlide, Slide
               "x c on a GPU): not measured here (no CUDA device)")
     if rss_runs:
         report_rss(rss_runs)
+
+
+def report_cpu(results: list[BackboneResult]) -> None:
+    """Print where the cores went during each backbone's (a) calls, and a/b of the calls split
+    into the share of the cores the model got against (b)'s, and the model's CPU time per patch
+    in (b) against (a) (the machine's drift between the windows and the calls shows here)."""
+    accounted = [(r, r.cpu) for r in results if r.cpu is not None]
+    if not accounted:
+        return
+    names = ["model", "decode", "workers_other", "session", "others", "idle"]
+    print("\nwhere the cores went during the (a) calls (CPU time from /proc, shares of cores x "
+          "wall): model = each worker's task thread (the backbone, its preprocessing, the "
+          "chunk's write); decode = the workers' ended threads (a task's decode threads); "
+          "workers' other threads; the session process (client, scheduler, nannies); other "
+          "processes; idle. Then a/b of the calls = (the model's share of the cores in (a) / "
+          "(b)'s processes' share in its ceiling windows) x ((b)'s CPU per patch / (a)'s model "
+          "CPU per patch)")
+    rows = []
+    for r, use in accounted:
+        shares = use.shares()
+        cores = use.capacity / sum(part.wall for part in r.parts)
+        a_cpu = use.model / r.patches
+        b_share = r.b * r.b_cpu_per_patch / cores
+        calls = r.patches / sum(part.wall for part in r.parts)
+        rows.append([r.name, *(f"{shares[name]:.1%}" for name in names),
+                     f"{a_cpu * 1e3:.1f} ms", f"{r.b_cpu_per_patch * 1e3:.1f} ms",
+                     f"{calls / r.b:.3f} = {shares['model'] / b_share:.3f} x "
+                     f"{r.b_cpu_per_patch / a_cpu:.3f}"])
+    print_table(["backbone", "model", "decode", "workers' other", "session", "others", "idle",
+                 "(a) model CPU/patch", "(b) CPU/patch", "calls' a/b = share x speed"], rows)
 
 
 def report_rss(rss_runs: list[tuple[BenchSlide, SlideRun]]) -> None:

@@ -147,6 +147,25 @@ def cpu_busy_seconds() -> float:
             int(v) for v in stat.readline().split()[1:9])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
+def _stat_cpu_seconds(path: str) -> float:
+    """User plus system CPU seconds from a /proc ``stat`` file (a process's or a thread's)."""
+    with open(path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds() -> tuple[float, dict[int, float]]:
+    """This process's CPU seconds (its ended threads included) and each live thread's, from
+    /proc; run on Dask workers (``client.run``) to see where their CPU time went."""
+    threads = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            threads[int(tid)] = _stat_cpu_seconds(f"/proc/self/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile: its time is in the process's
+            continue
+    return _stat_cpu_seconds("/proc/self/stat"), threads
+
+
 def own_cpu_seconds() -> float:
     """CPU seconds of this process and its descendants: the live ones' own and the reaped
     ones' (counted in their parents' ``children_*``)."""

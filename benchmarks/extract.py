@@ -77,6 +77,16 @@ patches of the 10240² slide per process, (c) runs half as many.
 Every step also reports the share of the CPUs that other processes (or the hypervisor) took
 meanwhile, from /proc/stat minus this benchmark's own CPU time; a warning is printed above 5 %.
 
+Where the cores went during the session's calls, from /proc (CPU time, unlike patches/s, does
+not drift with the VM): each worker's task thread (the backbone, its preprocessing and the
+chunk writes), its decode threads (they end with their task, so: the worker's CPU time less its
+live threads'), its other threads, the session's own process (client, scheduler, nannies),
+other processes and idle, as shares of the cores times the calls' wall time. The calls' a/b is
+then split into two factors: the task threads' share of the cores against (b)'s processes'
+share in the ceiling's windows (what (a) spends on other things than the model, and leaves
+idle), and (b)'s CPU seconds per patch against (a)'s task threads' (how fast the model ran per
+CPU second in the calls against the windows: the VM's drift shows here).
+
 Targets: on a CPU, (a) ≥ 0.9 x (b) for both backbones; on a GPU (only when
 ``torch.cuda.is_available()``), (a) ≥ 0.9 x (b) and (a) ≥ 2 x (c); peak RSS of client and worker
 on the larger slide within 10 % of the smaller one. ``--quick``: 3072² and 6144² slides, 64
@@ -95,6 +105,7 @@ import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +116,7 @@ from _common import DATA_DIR, machine, peak_rss, print_table, real_svs, resectio
 from _extract_results import (
     BackboneResult,
     BenchSlide,
+    CpuUse,
     Layout,
     SlideRun,
     Window,
@@ -115,11 +127,14 @@ from _processes import (
     Steps,
     TreeSampler,
     child_failed,
+    cpu_busy_seconds,
     frozen,
     loadavg,
     measured,
     reap_forkserver,
+    thread_cpu_seconds,
 )
+from distributed import Client
 
 import wsi
 from pipelines.backbones import load_backbone
@@ -173,12 +188,14 @@ def child_main(spec: dict[str, Any]) -> int:
         print(READY_MARK, flush=True)
         while line := sys.stdin.readline():
             seconds, done, start = float(line), 0, time.perf_counter()
+            cpu = time.process_time()
             while time.perf_counter() - start < seconds:
                 first = done % len(patches)
                 embedder(patches[first:first + batch])
                 done += len(patches[first:first + batch])
             print(RESULT_MARK + json.dumps({"patches": done,
-                                            "seconds": time.perf_counter() - start}), flush=True)
+                                            "seconds": time.perf_counter() - start,
+                                            "cpu": time.process_time() - cpu}), flush=True)
         return 0
     if spec["mode"] == "session":
         start = time.time()
@@ -189,8 +206,11 @@ def child_main(spec: dict[str, Any]) -> int:
             print(READY_MARK + json.dumps({"start": start, "ready": ready}), flush=True)
             while line := sys.stdin.readline():
                 command = json.loads(line)
-                print(RESULT_MARK + json.dumps(extraction_report(
-                    on_cluster, command["entries"], command["out"])), flush=True)
+                before = cpu_snapshot(client)
+                report = extraction_report(on_cluster, command["entries"], command["out"])
+                report["cpu"] = asdict(CpuUse.between(before, cpu_snapshot(client),
+                                                      len(os.sched_getaffinity(0))))
+                print(RESULT_MARK + json.dumps(report), flush=True)
         return 0
     sampler = TreeSampler()
     sampler.start()
@@ -201,6 +221,13 @@ def child_main(spec: dict[str, Any]) -> int:
                   polled_tree=sampler.tree)
     print(RESULT_MARK + json.dumps(report), flush=True)
     return 0
+
+
+def cpu_snapshot(client: Client) -> dict[str, Any]:
+    """The CPU seconds so far of each worker and its live threads, of this process, and of the
+    machine, and the time (for :meth:`CpuUse.between`)."""
+    return {"workers": client.run(thread_cpu_seconds), "session": thread_cpu_seconds()[0],
+            "machine": cpu_busy_seconds(), "wall": time.perf_counter()}
 
 
 def extraction_report(config: SlidepipeConfig, entries: list[list[str]], out: str
@@ -238,14 +265,16 @@ class CeilingPool:
         for process in self.processes:
             process.read_until(READY_MARK)
 
-    def window(self, seconds: float) -> float:
+    def window(self, seconds: float) -> tuple[float, float]:
         """Patches/s of all the processes, started together, each running batches until
         ``seconds`` have passed (the sum of their rates: each rate counts its last batch's
-        patches and time)."""
+        patches and time), and their CPU seconds per patch."""
         for process in self.processes:
             process.send(str(seconds))
         reports = [json.loads(process.read_until(RESULT_MARK)) for process in self.processes]
-        return sum(report["patches"] / report["seconds"] for report in reports)
+        return (sum(report["patches"] / report["seconds"] for report in reports),
+                sum(report["cpu"] for report in reports)
+                / sum(report["patches"] for report in reports))
 
     def close(self) -> None:
         """End the processes."""
@@ -280,7 +309,8 @@ def slide_run(label: str, backbone: str, slides: list[BenchSlide], launched: flo
     assert sum(done_by_slide.values()) == sum(patches), (done_by_slide, patches)
     return SlideRun(label, backbone, [(s.slide_id, s.patches) for s in slides], launched,
                     report["start"], report["end"], chunks, report.get("client_peak", 0),
-                    report.get("worker_peak", 0), report.get("polled_tree", 0))
+                    report.get("worker_peak", 0), report.get("polled_tree", 0),
+                    CpuUse(**report["cpu"]) if "cpu" in report else None)
 
 
 def run_slidepipe(label: str, backbone: str, pretrained: bool, slides: list[BenchSlide],
@@ -384,10 +414,13 @@ def measure_session(name: str, pretrained: bool, spec: dict[str, Any], layouts: 
         try:
             def windows(round_index: int) -> list[Window]:
                 """One window per layout, in turn first and last from one round to the next."""
+                taken = []
                 with session.frozen():
-                    return [Window(pool.layout, *measured(lambda pool=pool: pool.window(
-                        window_seconds))[::2])
-                        for pool in (pools if round_index % 2 == 0 else pools[::-1])]
+                    for pool in pools if round_index % 2 == 0 else pools[::-1]:
+                        (rate, cpu_per_patch), _, others = measured(
+                            lambda pool=pool: pool.window(window_seconds))
+                        taken.append(Window(pool.layout, rate, others, cpu_per_patch))
+                return taken
 
             rounds = [windows(0)]
             runs = []
