@@ -173,12 +173,15 @@ class BackboneResult:
         """``layout``'s windows."""
         return [window for window in self.windows if window.layout == layout]
 
-    def rates_of(self, layout: Layout) -> list[float]:
-        """``layout``'s window rates, leaving out those taken while other processes took more
-        than ``NOISY_SHARE`` of the CPUs when any other one is clean."""
+    def kept_windows_of(self, layout: Layout) -> list[Window]:
+        """``layout``'s windows, leaving out those taken while other processes took more than
+        ``NOISY_SHARE`` of the CPUs when any other one is clean."""
         windows = self.windows_of(layout)
-        clean = [window.rate for window in windows if window.others <= NOISY_SHARE]
-        return clean or [window.rate for window in windows]
+        return [window for window in windows if window.others <= NOISY_SHARE] or windows
+
+    def rates_of(self, layout: Layout) -> list[float]:
+        """The rates of ``layout``'s kept windows."""
+        return [window.rate for window in self.kept_windows_of(layout)]
 
     def b_of(self, layout: Layout) -> float:
         """The mean of ``layout``'s window rates."""
@@ -202,21 +205,17 @@ class BackboneResult:
 
     @property
     def b_cpu_per_patch(self) -> float:
-        """CPU seconds per patch of the ceiling layout's windows (those ``rates_of`` keeps)."""
-        windows = self.windows_of(self.ceiling_layout)
-        kept = [w for w in windows if w.others <= NOISY_SHARE] or windows
-        return sum(w.cpu_per_patch for w in kept) / len(kept)
+        """The mean CPU seconds per patch of the ceiling layout's kept windows."""
+        kept = self.kept_windows_of(self.ceiling_layout)
+        return sum(window.cpu_per_patch for window in kept) / len(kept)
 
     @property
     def cpu(self) -> CpuUse | None:
         """Where the CPU went during all the calls (None when a call was not accounted)."""
-        uses = [part.cpu for part in self.parts]
-        if not uses or any(use is None for use in uses):
+        uses = [part.cpu for part in self.parts if part.cpu is not None]
+        if not uses or len(uses) < len(self.parts):
             return None
-        total = uses[0]
-        for use in uses[1:]:
-            total = total + use
-        return total
+        return sum(uses[1:], start=uses[0])
 
     @property
     def patches(self) -> int:

@@ -153,7 +153,6 @@ def _stat_cpu_seconds(path: str) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-
 def thread_cpu_seconds() -> tuple[float, dict[int, float]]:
     """This process's CPU seconds (its ended threads included) and each live thread's, from
     /proc; run on Dask workers (``client.run``) to see where their CPU time went."""
@@ -164,7 +163,6 @@ def thread_cpu_seconds() -> tuple[float, dict[int, float]]:
         except OSError:  # the thread ended meanwhile: its time is in the process's
             continue
     return _stat_cpu_seconds("/proc/self/stat"), threads
-
 
 def own_cpu_seconds() -> float:
     """CPU seconds of this process and its descendants: the live ones' own and the reaped
