@@ -2,8 +2,8 @@
 
 The children that start a LocalCluster (the session and the fresh runs) start the way the
 ``slidepipe`` console script starts ``slidepipe extract`` (:mod:`pipelines.launch`): the
-workers' forkserver first, then the imports (``extract.py``: torch, timm, slidepipe) while it
-imports the same. The (b) children start no cluster and only import.
+workers' forkserver first, then the imports (``_extract_modes.py``: torch, timm, slidepipe)
+while it imports the same. The (b) children start no cluster and only import.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pipelines.cluster import start_worker_forkserver
 
 
 def main() -> int:
-    """Run the child ``sys.argv[1]`` describes (see ``extract.child_main``)."""
+    """Run the child ``sys.argv[1]`` describes (see ``_extract_modes``)."""
     spec = json.loads(sys.argv[1])
     if spec["mode"] != "ceiling":
         start_worker_forkserver()
-    from extract import child_main
+    from _extract_modes import child_main
 
     return child_main(spec)
 

@@ -105,14 +105,14 @@ import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from _clam_extractor import clam_coords, clam_seconds
-from _common import DATA_DIR, machine, peak_rss, print_table, real_svs, resection_svs_of_side
+from _common import DATA_DIR, machine, print_table, real_svs, resection_svs_of_side
+from _extract_modes import READY_MARK, RESULT_MARK, slidepipe_config
 from _extract_results import (
     BackboneResult,
     BenchSlide,
@@ -125,24 +125,16 @@ from _extract_results import (
 from _processes import (
     Conversation,
     Steps,
-    TreeSampler,
     child_failed,
-    cpu_busy_seconds,
     frozen,
     loadavg,
     measured,
-    reap_forkserver,
-    thread_cpu_seconds,
 )
-from distributed import Client
 
 import wsi
-from pipelines.backbones import load_backbone
-from pipelines.cluster import ClusterConfig, dask_client, default_torch_threads, default_workers
-from pipelines.config import SlidepipeConfig, load_config
+from pipelines.cluster import ClusterConfig, default_torch_threads, default_workers
+from pipelines.config import load_config
 from pipelines.discovery import SlideEntry
-from pipelines.extract import extract_archive
-from pipelines.inference import Embedder
 from pipelines.tile import tile_slide
 
 #: Fresh runs per slide size for the peak RSS comparison.
@@ -155,97 +147,7 @@ PARTS = 3
 #: The backbones measured: (name, pretrained).
 BACKBONES = (("efficientnet_lite0", True), ("resnet50_trunc", False))
 
-RESULT_MARK = "EXTRACT-BENCH-RESULT "
-READY_MARK = "EXTRACT-BENCH-READY"
 WARMUP_ID = "CMU-1-Small-Region"
-
-
-# -- the child processes: (a) extractions and (b) backbones -----------------------------------
-
-
-def slidepipe_config(backbone: str, pretrained: bool, scheduler: str | None = None
-                     ) -> SlidepipeConfig:
-    """The default configuration with only the backbone (and an existing cluster's scheduler)
-    chosen."""
-    return load_config(None, {"backbone": {"name": backbone, "pretrained": pretrained},
-                              "cluster": {"scheduler": scheduler}})
-
-
-def child_main(spec: dict[str, Any]) -> int:
-    """In a fresh process: be one warm (b) process, a slidepipe session or one extraction; print
-    the figures as marked JSON lines. A (b) process prints ``READY_MARK`` once warm, then for
-    each line on stdin (a window's length in seconds) runs batches until that long has passed
-    and prints how many patches it embedded in how long. A session starts slidepipe's
-    LocalCluster, prints ``READY_MARK`` and runs one ``extract_archive`` on it per line on stdin
-    (the entries and output folder). One extraction also reports its processes' memory peaks."""
-    config = slidepipe_config(spec["backbone"], spec["pretrained"])
-    if spec["mode"] == "ceiling":
-        torch.set_num_threads(spec["threads"])
-        patches = decoded_patches(Path(spec["slide"]), Path(spec["grid"]), spec["patches"])
-        embedder = Embedder(load_backbone(config.backbone))
-        batch = embedder.backbone.batch_size
-        embedder(patches[:batch])
-        print(READY_MARK, flush=True)
-        while line := sys.stdin.readline():
-            seconds, done, start = float(line), 0, time.perf_counter()
-            cpu = time.process_time()
-            while time.perf_counter() - start < seconds:
-                first = done % len(patches)
-                embedder(patches[first:first + batch])
-                done += len(patches[first:first + batch])
-            print(RESULT_MARK + json.dumps({"patches": done,
-                                            "seconds": time.perf_counter() - start,
-                                            "cpu": time.process_time() - cpu}), flush=True)
-        return 0
-    if spec["mode"] == "session":
-        start = time.time()
-        with dask_client(config.cluster, announce=lambda _: None) as client:
-            ready = time.time()
-            on_cluster = slidepipe_config(spec["backbone"], spec["pretrained"],
-                                          scheduler=client.scheduler.address)
-            print(READY_MARK + json.dumps({"start": start, "ready": ready}), flush=True)
-            while line := sys.stdin.readline():
-                command = json.loads(line)
-                before = cpu_snapshot(client)
-                report = extraction_report(on_cluster, command["entries"], command["out"])
-                report["cpu"] = asdict(CpuUse.between(before, cpu_snapshot(client),
-                                                      len(os.sched_getaffinity(0))))
-                print(RESULT_MARK + json.dumps(report), flush=True)
-        return 0
-    sampler = TreeSampler()
-    sampler.start()
-    report = extraction_report(config, spec["entries"], spec["out"])
-    reap_forkserver()
-    sampler.stop()
-    report.update(client_peak=peak_rss(), worker_peak=max(sampler.peaks.values(), default=0),
-                  polled_tree=sampler.tree)
-    print(RESULT_MARK + json.dumps(report), flush=True)
-    return 0
-
-
-def cpu_snapshot(client: Client) -> dict[str, Any]:
-    """The CPU seconds so far of each worker and its live threads, of this process, and of the
-    machine, and the time (for :meth:`CpuUse.between`)."""
-    return {"workers": client.run(thread_cpu_seconds), "session": thread_cpu_seconds()[0],
-            "machine": cpu_busy_seconds(), "wall": time.perf_counter()}
-
-
-def extraction_report(config: SlidepipeConfig, entries: list[list[str]], out: str
-                      ) -> dict[str, Any]:
-    """``extract_archive`` over ``entries`` ([path, slide_id]): its start and end, when each
-    chunk landed and each slide's result."""
-    marks: list[tuple[float, str, int]] = []
-
-    def progress(slide_id: str, done: int, total: int) -> None:
-        marks.append((time.time(), slide_id, done))
-
-    start = time.time()
-    results = extract_archive([SlideEntry(path=Path(path), slide_id=slide_id)
-                               for path, slide_id in entries], config, Path(out),
-                              on_progress=progress)
-    return {"start": start, "end": time.time(), "marks": marks,
-            "results": [{"slide_id": r.slide_id, "status": r.status, "patches": r.patches,
-                         "error": r.error} for r in results]}
 
 
 # -- (b) the ceiling, and the processes the benchmark talks to ---------------------------------
@@ -369,14 +271,6 @@ def tile_template(path: Path, slide_id: str, templates: Path) -> BenchSlide:
     if result.status != "ok":
         raise SystemExit(f"{path}: tiling failed: {result.status} {result.error}")
     return BenchSlide(path, slide_id, result.patches, result.seconds)
-
-
-def decoded_patches(path: Path, grid_folder: Path, count: int) -> np.ndarray:
-    """The first ``count`` patches of the grid, decoded (repeated if it has fewer)."""
-    grid = wsi.load_grid(grid_folder)
-    coords = np.resize(grid.coords, (count, 2))
-    with wsi.open_slide(path) as opened, wsi.PatchReader(opened, grid.spec) as reader:
-        return reader.read_batch(coords)
 
 
 def ceiling_spec(name: str, pretrained: bool, small: BenchSlide, templates: Path,
